@@ -1,0 +1,35 @@
+"""Settings of `lmcluster up`: where the public API listens and where the parts keep their files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.common.settings import default_models_dir
+
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+DEMO_MODELS_DIR = REPO_ROOT / ".lmc" / "demo-models"
+
+
+class StackSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LMC_", frozen=True, extra="ignore")
+
+    http_port: int = Field(8080, ge=1, le=65535, description="Envoy's public REST and gRPC port.")
+    envoy_admin_port: int = Field(9901, ge=1, le=65535, description="Envoy admin, bound to loopback.")
+    router_port: int = Field(50051, ge=1, le=65535)
+    registry_port: int = Field(50055, ge=1, le=65535)
+    redis_url: str = Field("redis://127.0.0.1:6379", validation_alias=AliasChoices("REDIS_URL", "LMC_REDIS_URL"))
+    models_dir: Path | None = Field(
+        None, description="Models folder; `make up` uses the demo folder when unset."
+    )
+    run_dir: Path = Field(REPO_ROOT / ".lmc" / "run", description="Rendered configs and Redis data.")
+    envoy_template: Path = REPO_ROOT / "envoy.yaml"
+    descriptor_set: Path = REPO_ROOT / "gen" / "lmcluster.pb"
+
+    def effective_models_dir(self) -> Path:
+        """The configured folder, else the demo folder if set-up made it, else PRODUCT.md's default."""
+        if self.models_dir is not None:
+            return self.models_dir
+        return DEMO_MODELS_DIR if DEMO_MODELS_DIR.is_dir() else default_models_dir()

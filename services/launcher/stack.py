@@ -1,0 +1,159 @@
+"""`lmcluster up`: every part of the stack in the foreground, in dependency order.
+
+Parts start one after the other, each only once the one before answers its readiness probe, and
+stop in reverse order on Ctrl-C or SIGTERM. If any part exits on its own, the whole stack stops
+with its exit code, so a broken part is never hidden behind a running Envoy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Coroutine
+from typing import Any
+from urllib.parse import urlparse
+
+from rich.console import Console
+
+from services.common import binaries
+from services.launcher import probes
+from services.launcher.envoy_config import render_envoy_config
+from services.launcher.process import ManagedProcess, ProcessSpec
+from services.launcher.settings import StackSettings
+
+log = logging.getLogger(__name__)
+console = Console(stderr=True)
+
+_COLORS = ["\033[31m", "\033[32m", "\033[33m", "\033[34m", "\033[35m", "\033[36m", "\033[91m", "\033[92m"]
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.3)
+        return sock.connect_ex((host, port)) == 0
+
+
+def service_spec(name: str, address: str, env: dict[str, str]) -> ProcessSpec:
+    """A gRPC service of this project, run as `lmcluster serve NAME`."""
+    return ProcessSpec(
+        name=name,
+        argv=[sys.executable, "-m", "services.cli.main", "serve", name],
+        env=env,
+        ready=probes.grpc_serving(address),
+        ready_timeout=120.0,
+    )
+
+
+def build_specs(settings: StackSettings) -> list[ProcessSpec]:
+    """The parts, in start order."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    specs: list[ProcessSpec] = []
+    env = {"LMC_MODELS_DIR": str(settings.effective_models_dir().resolve()), "REDIS_URL": settings.redis_url}
+
+    redis_url = urlparse(settings.redis_url)
+    redis_host, redis_port = redis_url.hostname or "127.0.0.1", redis_url.port or 6379
+    if redis_host in ("127.0.0.1", "localhost") and not _port_in_use(redis_host, redis_port):
+        data_dir = settings.run_dir / "redis"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv, redis_env = binaries.redis_server_command(redis_port, data_dir)
+        specs.append(ProcessSpec("redis", argv, redis_env, ready=probes.redis_ping(settings.redis_url)))
+    else:
+        log.info("using the Redis already at %s", settings.redis_url)
+
+    specs.append(service_spec("registry", f"127.0.0.1:{settings.registry_port}", env))
+
+    envoy_config = render_envoy_config(
+        settings.envoy_template,
+        settings.run_dir / "envoy.yaml",
+        http_port=settings.http_port,
+        admin_port=settings.envoy_admin_port,
+        router_address=f"127.0.0.1:{settings.router_port}",
+        descriptor_set=settings.descriptor_set,
+    )
+    specs.append(
+        ProcessSpec(
+            "envoy",
+            [str(binaries.envoy_binary()), "-c", str(envoy_config), "--use-dynamic-base-id", "--log-level", "warn"],
+            ready=probes.http_ok(f"http://127.0.0.1:{settings.http_port}/healthz"),
+        )
+    )
+    return specs
+
+
+async def run_stack(settings: StackSettings) -> int:
+    """Starts every part, waits for a signal or a part's exit, stops everything; returns an exit code."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    running: list[ManagedProcess] = []
+    exit_code = 0
+    try:
+        for index, spec in enumerate(build_specs(settings)):
+            if stop.is_set():
+                break
+            part = ManagedProcess(spec, color=_COLORS[index % len(_COLORS)] if sys.stdout.isatty() else "")
+            with console.status(f"starting {spec.name}"):
+                await part.start()
+                running.append(part)
+                await _race(part.wait_ready(), stop)
+            console.print(f"[green]✔[/] {spec.name} ready (pid {part.pid})")
+        if not stop.is_set():
+            _print_endpoints(settings)
+            exit_code = await _until_stop_or_exit(running, stop)
+    except RuntimeError as error:
+        console.print(f"[red]✘ {error}[/]")
+        exit_code = 1
+    finally:
+        for part in reversed(running):
+            console.print(f"stopping {part.spec.name}")
+            await part.stop()
+        console.print("all stopped")
+    return exit_code
+
+
+async def _race(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
+    """Runs `work` but gives up as soon as a stop is requested."""
+    task = asyncio.create_task(work)
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopper):
+        if pending not in done:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+    if task in done:
+        task.result()
+
+
+async def _until_stop_or_exit(running: list[ManagedProcess], stop: asyncio.Event) -> int:
+    waits = {asyncio.create_task(part.wait()): part for part in running}
+    stopper = asyncio.create_task(stop.wait())
+    done, pending = await asyncio.wait({*waits, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    exited = [waits[task] for task in done if task in waits]
+    if exited:
+        part = exited[0]
+        code = part.process.returncode if part.process else 1
+        console.print(f"[red]✘ {part.spec.name} exited with code {code}; stopping the stack[/]")
+        return code or 1
+    return 0
+
+
+def _print_endpoints(settings: StackSettings) -> None:
+    port = settings.http_port
+    console.print(
+        "\n[bold]lmcluster is up[/]\n"
+        f"  OpenAI-compatible REST  http://127.0.0.1:{port}/v1   (health: http://127.0.0.1:{port}/healthz)\n"
+        f"  gRPC (Router)           127.0.0.1:{port}\n"
+        f"  Registry (gRPC)         127.0.0.1:{settings.registry_port}\n"
+        f"  Envoy admin             http://127.0.0.1:{settings.envoy_admin_port}\n"
+        f"  models folder           {settings.effective_models_dir()}\n"
+        "Press Ctrl-C to stop.\n"
+    )
