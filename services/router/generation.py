@@ -1,0 +1,107 @@
+"""One generation on a llama-server, shared by every identical request that arrives meanwhile.
+
+A Generation runs in its own task and records the backend's events; each caller subscribes and
+reads them from the start, so a request that joins late still gets every token. When the last
+subscriber leaves (clients disconnected), the backend request is cancelled and its slot freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from services.router.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+Producer = Callable[["Generation"], AsyncIterator[dict[str, Any]]]
+
+
+class Generation:
+    def __init__(self, key: str, produce: Producer) -> None:
+        self.key = key
+        self.events: list[dict[str, Any]] = []
+        self.error: BaseException | None = None
+        self.done = False
+        # Filled by the producer once a backend is chosen.
+        self.model_id = ""
+        self.backend_id = ""
+        self.subscribers = 0
+        # Every subscriber left: the backend request is being cancelled, nobody may join any more.
+        self.abandoned = False
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run(produce), name=f"generation-{key[:12]}")
+
+    async def _run(self, produce: Producer) -> None:
+        try:
+            async for event in produce(self):
+                self.events.append(event)
+                self._wake()
+        except asyncio.CancelledError:
+            self.error = BackendUnavailable("the generation was cancelled (the Router is stopping)")
+        except BaseException as error:  # handed to every subscriber
+            self.error = error
+        finally:
+            self.done = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+        """Every event from the first; raises the generation's error at the point it happened."""
+        self.subscribers += 1
+        index = 0
+        try:
+            while True:
+                while index < len(self.events):
+                    yield self.events[index]
+                    index += 1
+                if self.done:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                await self._changed.wait()
+        finally:
+            self.subscribers -= 1
+            if self.subscribers == 0 and not self.done:
+                self.abandoned = True
+                self._task.cancel()
+
+    async def cancel(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except asyncio.CancelledError:
+            pass
+
+
+class Coalescer:
+    """Identical concurrent requests (same exact key) share one Generation."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, Generation] = {}
+        self.shared = 0
+
+    def join_or_start(self, key: str | None, produce: Producer) -> Generation:
+        if key:
+            running = self._running.get(key)
+            if running is not None and not (running.done or running.abandoned):
+                self.shared += 1
+                return running
+        generation = Generation(key or "", produce)
+        if key:
+            self._running[key] = generation
+            generation._task.add_done_callback(lambda _: self._forget(key, generation))
+        return generation
+
+    def _forget(self, key: str, generation: Generation) -> None:
+        if self._running.get(key) is generation:
+            del self._running[key]
+
+    async def close(self) -> None:
+        for generation in list(self._running.values()):
+            await generation.cancel()

@@ -1,0 +1,182 @@
+"""The local routing table: READY backends per model, fed by the Supervisor's WatchBackends.
+
+Choosing a backend is a local decision with no RPC: the replica with the fewest outstanding
+requests among those with a free slot. When every slot of every candidate is busy, requests wait
+in a bounded queue (per route) and are refused with 429 beyond it.
+
+Quantization routing: a route lists variants best first. A request takes the first variant with a
+free slot (the best one may take `overflow_queue_threshold` requests beyond its slots, which then
+queue inside llama-server); so under load traffic overflows from the best quantization to lighter
+ones, and returns as soon as the best has room again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from lmcluster.supervisor.v1 import supervisor_pb2, supervisor_service_pb2
+
+from services.router.errors import Overloaded
+
+READY = supervisor_pb2.BACKEND_STATE_READY
+EVENT = supervisor_service_pb2
+
+
+@dataclass
+class BackendLoad:
+    backend: supervisor_pb2.Backend
+    outstanding: int = 0
+    # Set after a failure seen by the Router; the backend is skipped until then (the Supervisor restarts it).
+    avoid_until: float = 0.0
+
+    @property
+    def capacity(self) -> int:
+        return max(1, self.backend.slots.total)
+
+    @property
+    def has_free_slot(self) -> bool:
+        return self.outstanding < self.capacity
+
+    @property
+    def usable(self) -> bool:
+        return self.backend.state == READY and time.monotonic() >= self.avoid_until
+
+
+@dataclass
+class Lease:
+    """A backend held for one generation; released when the generation ends."""
+
+    load: BackendLoad
+    model_id: str
+    waited_seconds: float = 0.0
+    variants_tried: list[str] = field(default_factory=list)
+
+    @property
+    def endpoint(self) -> str:
+        return self.load.backend.endpoint
+
+    @property
+    def backend_model(self) -> str:
+        return self.load.backend.alias or self.load.backend.model_id
+
+
+class RoutingTable:
+    def __init__(self, *, queue_limit: int, queue_timeout: float, overflow_queue_threshold: int, retry_after: int) -> None:
+        self._loads: dict[str, BackendLoad] = {}
+        self._waiting: dict[tuple[str, ...], int] = {}
+        self._changed = asyncio.Event()
+        self._queue_limit = queue_limit
+        self._queue_timeout = queue_timeout
+        self._overflow_threshold = overflow_queue_threshold
+        self._retry_after = retry_after
+        self.synced = False
+
+    # --- following the Supervisor -------------------------------------------------------------
+    def apply(self, message: supervisor_service_pb2.WatchBackendsResponse) -> None:
+        kind = message.WhichOneof("update")
+        if kind == "snapshot":
+            previous = self._loads
+            self._loads = {}
+            for backend in message.snapshot.backends:
+                self._upsert(backend, previous)
+            self.synced = True
+        elif kind == "event":
+            event = message.event
+            if event.type == EVENT.BACKEND_EVENT_TYPE_REMOVED:
+                self._loads.pop(event.backend.id, None)
+            else:
+                self._upsert(event.backend, self._loads)
+                if event.type == EVENT.BACKEND_EVENT_TYPE_SWITCHED and event.HasField("replaced"):
+                    self._upsert(event.replaced, self._loads)
+        self._notify()
+
+    def add(self, backend: supervisor_pb2.Backend) -> None:
+        """A backend learned from EnsureBackend, before the watch reports it."""
+        self._upsert(backend, self._loads)
+        self._notify()
+
+    def _upsert(self, backend: supervisor_pb2.Backend, previous: dict[str, BackendLoad]) -> None:
+        load = previous.get(backend.id)
+        if load is None:
+            load = BackendLoad(backend)
+        else:
+            load.backend = backend
+        self._loads[backend.id] = load
+
+    def _notify(self) -> None:
+        # Wakes every waiter; each re-checks for a free slot (an Event is simpler than a Condition
+        # here because the watch callbacks that call this are not coroutines).
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- choosing ------------------------------------------------------------------------------
+    def backends_of(self, model_id: str) -> list[BackendLoad]:
+        return [load for load in self._loads.values() if load.backend.model_id == model_id]
+
+    def has_ready(self, model_ids: tuple[str, ...]) -> bool:
+        return any(load.usable for m in model_ids for load in self.backends_of(m))
+
+    def snapshot(self) -> list[BackendLoad]:
+        return list(self._loads.values())
+
+    def _pick(self, model_ids: tuple[str, ...], exclude: frozenset[str]) -> BackendLoad | None:
+        for position, model_id in enumerate(model_ids):
+            # The best variant may take a few requests beyond its slots before traffic overflows.
+            extra = self._overflow_threshold if position == 0 and len(model_ids) > 1 else 0
+            candidates = [
+                load
+                for load in self.backends_of(model_id)
+                if load.usable and load.outstanding < load.capacity + extra and load.backend.id not in exclude
+            ]
+            if candidates:
+                return min(candidates, key=lambda load: load.outstanding / load.capacity)
+        return None
+
+    @contextlib.asynccontextmanager
+    async def lease(self, model_ids: tuple[str, ...], *, exclude: frozenset[str] = frozenset()) -> AsyncIterator[Lease]:
+        """Holds a backend of one of `model_ids` (best first) for the duration of the block."""
+        route = model_ids
+        started = time.monotonic()
+        load = self._pick(model_ids, exclude)
+        if load is None:
+            if self._waiting.get(route, 0) >= self._queue_limit:
+                raise Overloaded(
+                    f"All {self._slots(model_ids)} slots of `{model_ids[0]}` are busy and {self._queue_limit} "
+                    "requests are already waiting. Retry after a short pause.",
+                    retry_after=self._retry_after,
+                )
+            self._waiting[route] = self._waiting.get(route, 0) + 1
+            try:
+                async with asyncio.timeout(self._queue_timeout):
+                    while (load := self._pick(model_ids, exclude)) is None:
+                        await self._changed.wait()
+            except TimeoutError:
+                raise Overloaded(
+                    f"No slot of `{model_ids[0]}` became free within {self._queue_timeout:.0f} s. Retry later.",
+                    retry_after=self._retry_after,
+                ) from None
+            finally:
+                self._waiting[route] -= 1
+        load.outstanding += 1
+        lease = Lease(load, load.backend.model_id, waited_seconds=time.monotonic() - started)
+        try:
+            yield lease
+        finally:
+            load.outstanding -= 1
+            self._notify()
+
+    def _slots(self, model_ids: tuple[str, ...]) -> int:
+        return sum(load.capacity for m in model_ids for load in self.backends_of(m) if load.usable)
+
+    def avoid(self, backend_id: str, seconds: float = 2.0) -> None:
+        """Skips a backend that just failed until the Supervisor has had time to act on it."""
+        load = self._loads.get(backend_id)
+        if load is not None:
+            load.avoid_until = time.monotonic() + seconds
+
+    def queue_depth(self) -> int:
+        return sum(self._waiting.values())

@@ -1,0 +1,435 @@
+"""RouterService: the OpenAI-compatible request path.
+
+validate → resolve the model → cache (exact, then semantic) → on a hit, answer from the cache
+(as a stream of chunks for streaming calls) → on a miss, lease a backend slot from the local
+routing table (EnsureBackend only for a cold model) → stream tokens from llama-server, relaying
+them as they arrive → store the whole answer in the cache after the client has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import secrets
+import struct
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import Message
+from lmcluster.embedding.v1 import embedding_service_pb2, embedding_service_pb2_grpc
+from lmcluster.router.v1 import openai_pb2 as pb
+from lmcluster.router.v1 import router_service_pb2, router_service_pb2_grpc
+from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_pb2_grpc
+
+from services.common import gateway
+from services.router import assembly, codec, metrics
+from services.router.caching import AnswerCache, CacheDecision
+from services.router.catalog import ModelCatalog, ModelRoute
+from services.router.errors import (
+    BackendUnavailable,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    RouterError,
+    StreamBroken,
+)
+from services.router.generation import Coalescer, Generation
+from services.router.llama_client import LlamaClient
+from services.router.routing import RoutingTable
+from services.router.settings import RouterSettings
+
+log = logging.getLogger(__name__)
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+@dataclass(frozen=True)
+class GenerationApi:
+    """What differs between chat and text completions."""
+
+    name: str
+    path: str
+    response_type: type[Message]
+    new_assembler: Callable[[], Any]
+    chunk: Callable[[dict[str, Any], str], Message]
+    replay: Callable[..., list[Any]]
+    chunk_type: type[Message]
+    chunk_object: str
+
+
+CHAT = GenerationApi(
+    "chat", "/v1/chat/completions", pb.CreateChatCompletionResponse, assembly.ChatAssembler,
+    codec.chat_chunk, assembly.replay_chat, pb.CreateChatCompletionStreamResponse, "chat.completion.chunk",
+)
+COMPLETION = GenerationApi(
+    "completion", "/v1/completions", pb.CreateCompletionResponse, assembly.CompletionAssembler,
+    codec.completion_chunk, assembly.replay_completion, pb.CreateCompletionStreamResponse, "text_completion",
+)
+
+
+@dataclass
+class Prepared:
+    route: ModelRoute
+    decision: CacheDecision
+    started: float
+
+
+class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
+    def __init__(
+        self,
+        settings: RouterSettings,
+        *,
+        catalog: ModelCatalog,
+        table: RoutingTable,
+        cache: AnswerCache,
+        llama: LlamaClient,
+        supervisor: supervisor_service_pb2_grpc.SupervisorServiceStub,
+        embedding: embedding_service_pb2_grpc.EmbeddingServiceStub,
+    ) -> None:
+        self._settings = settings
+        self._catalog = catalog
+        self._table = table
+        self._cache = cache
+        self._llama = llama
+        self._supervisor = supervisor
+        self._embedding = embedding
+        self._coalescer = Coalescer()
+        self._cold_starts: dict[str, asyncio.Task[None]] = {}
+
+    async def close(self) -> None:
+        await self._coalescer.close()
+        for task in self._cold_starts.values():
+            task.cancel()
+
+    # --- RPCs --------------------------------------------------------------------------------
+    async def CreateChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateChatCompletionResponse:
+        return await self._unary(CHAT, request, context)  # type: ignore[return-value]
+
+    async def StreamChatCompletion(
+        self, request: pb.CreateChatCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CreateChatCompletionStreamResponse]:
+        async for chunk in self._stream(CHAT, request, context):
+            yield chunk
+
+    async def CreateCompletion(
+        self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateCompletionResponse:
+        return await self._unary(COMPLETION, request, context)  # type: ignore[return-value]
+
+    async def StreamCompletion(
+        self, request: pb.CreateCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.CreateCompletionStreamResponse]:
+        async for chunk in self._stream(COMPLETION, request, context):
+            yield chunk
+
+    async def ListModels(
+        self, request: router_service_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> router_service_pb2.ListModelsResponse:
+        return self._catalog.list_models()
+
+    async def CreateEmbedding(
+        self, request: pb.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateEmbeddingResponse:
+        try:
+            texts = _embedding_inputs(request)
+            encoding = request.encoding_format or "float"
+            if encoding not in ("float", "base64"):
+                raise InvalidRequest("`encoding_format` must be 'float' or 'base64'", param="encoding_format")
+            try:
+                reply = await self._embedding.Embed(
+                    embedding_service_pb2.EmbedRequest(texts=texts), timeout=_remaining(context, 30.0)
+                )
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidRequest(error.details() or "invalid input", param="input") from error
+                raise ModelUnavailable(f"the embedding service failed: {error.details()}") from error
+            dimensions = request.dimensions if request.HasField("dimensions") else 0
+            if dimensions and not 1 <= dimensions <= reply.dimensions:
+                raise InvalidRequest(f"`dimensions` must be between 1 and {reply.dimensions}", param="dimensions")
+            response = pb.CreateEmbeddingResponse(object="list", model=reply.model)
+            tokens = 0
+            for index, embedding in enumerate(reply.embeddings):
+                vector = _shorten(list(embedding.vector), dimensions)
+                tokens += embedding.token_count
+                item = response.data.add(object="embedding", index=index)
+                if encoding == "base64":
+                    item.embedding.string_value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+                else:
+                    item.embedding.list_value.extend(vector)
+            response.usage.prompt_tokens = tokens
+            response.usage.total_tokens = tokens
+            return response
+        except RouterError as error:
+            await _abort(context, error)
+            raise  # unreachable: abort raises
+
+    # --- the request path ----------------------------------------------------------------------
+    async def _prepare(self, api: GenerationApi, request: codec.GenerationRequest) -> Prepared:
+        started = time.perf_counter()
+        codec.validate(request)
+        if not self._catalog.synced:
+            raise ModelUnavailable("the Router has not heard from the Registry yet; retry shortly", retry_after=2)
+        route = self._catalog.resolve(request.model)
+        best = self._catalog.get(route.variant_ids[0])
+        base_model = (best.base_id if best is not None and not route.pinned else "") or route.variant_ids[0]
+        decision = await self._cache.lookup(request, base_model)
+        return Prepared(route, decision, started)
+
+    async def _unary(self, api: GenerationApi, request: codec.GenerationRequest, context: grpc.aio.ServicerContext) -> Message:
+        cache_label, result = "none", "error"
+        try:
+            async with _deadline(context):
+                prepared = await self._prepare(api, request)
+                cache_label = prepared.decision.status
+                cached = prepared.decision.parse(api.response_type) if prepared.decision.status == "hit" else None
+                if cached is not None:
+                    await context.send_initial_metadata(_cache_metadata(prepared.decision))
+                    metrics.TIME_TO_FIRST_TOKEN.labels("hit").observe(time.perf_counter() - prepared.started)
+                    result = "ok"
+                    return _fresh(cached)
+                if prepared.decision.status == "hit":
+                    prepared.decision.status = "miss"
+                    cache_label = "miss"
+                generation = self._generation(api, request, prepared)
+                assembler = api.new_assembler()
+                first = True
+                async for event in generation.subscribe():
+                    if first:
+                        metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
+                        first = False
+                    assembler.add(event)
+                response = assembler.response(generation.model_id)
+                await context.send_initial_metadata(_cache_metadata(prepared.decision))
+                self._after_generation(api, request, prepared, assembler, response, generation)
+                result = "ok"
+                return response
+        except RouterError as error:
+            result = error.error_code
+            await _abort(context, error)
+            raise
+        finally:
+            metrics.REQUESTS.labels(api.name, cache_label, result).inc()
+
+    async def _stream(
+        self, api: GenerationApi, request: codec.GenerationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Message]:
+        include_usage = request.stream_options.include_usage if request.HasField("stream_options") else False
+        rest = gateway.came_through_rest(context)
+        cache_label, result, sent_any = "none", "error", False
+        try:
+            async with _deadline(context):
+                prepared = await self._prepare(api, request)
+                cache_label = prepared.decision.status
+                cached = prepared.decision.parse(api.response_type) if prepared.decision.status == "hit" else None
+                if cached is not None:
+                    await context.send_initial_metadata(_cache_metadata(prepared.decision))
+                    metrics.TIME_TO_FIRST_TOKEN.labels("hit").observe(time.perf_counter() - prepared.started)
+                    for chunk in api.replay(_fresh(cached), include_usage=include_usage):
+                        sent_any = True
+                        yield chunk
+                else:
+                    if prepared.decision.status == "hit":
+                        prepared.decision.status = cache_label = "miss"
+                    generation = self._generation(api, request, prepared)
+                    assembler = api.new_assembler()
+                    async for event in generation.subscribe():
+                        assembler.add(event)
+                        chunk = api.chunk(event, generation.model_id)
+                        if not chunk.choices and not include_usage:
+                            continue  # the usage chunk we asked for, not the client
+                        if not sent_any:
+                            await context.send_initial_metadata(_cache_metadata(prepared.decision))
+                            metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
+                        sent_any = True
+                        yield chunk
+                    if not sent_any:
+                        await context.send_initial_metadata(_cache_metadata(prepared.decision))
+                    response = assembler.response(generation.model_id)
+                    self._after_generation(api, request, prepared, assembler, response, generation)
+                result = "ok"
+        except RouterError as error:
+            result = error.error_code
+            if not sent_any:
+                await _abort(context, error)
+            # Tokens already went out: end the stream with an error event, never a silent cut.
+            broken = error if isinstance(error, StreamBroken) else StreamBroken(error.message)
+            yield api.chunk_type(object=api.chunk_object, error=_error_detail(broken))
+        finally:
+            metrics.REQUESTS.labels(api.name, cache_label, result).inc()
+        if rest:
+            yield api.chunk_type(object=gateway.STREAM_DONE_SENTINEL)
+
+    def _after_generation(
+        self,
+        api: GenerationApi,
+        request: codec.GenerationRequest,
+        prepared: Prepared,
+        assembler: Any,
+        response: Message,
+        generation: Generation,
+    ) -> None:
+        usage = response.usage  # type: ignore[attr-defined]
+        metrics.GENERATED_TOKENS.labels(generation.model_id).inc(usage.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(generation.model_id).inc(usage.prompt_tokens)
+        if assembler.finished:
+            ttl = request.cache.ttl_seconds if request.cache.HasField("ttl_seconds") else None
+            self._cache.store_later(prepared.decision, response, generation.model_id, ttl)
+
+    def _generation(self, api: GenerationApi, request: codec.GenerationRequest, prepared: Prepared) -> Generation:
+        decision = prepared.decision
+        key = decision.scope.exact_key if decision.status == "miss" and decision.scope is not None else None
+        generation = self._coalescer.join_or_start(
+            f"{api.name}:{key}" if key else None, lambda g: self._produce(api, request, prepared.route, g)
+        )
+        if generation.subscribers:
+            metrics.COALESCED.inc()
+        return generation
+
+    async def _produce(
+        self, api: GenerationApi, request: codec.GenerationRequest, route: ModelRoute, generation: Generation
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Streams from a backend; before the first token a failure is retried on another one."""
+        tried: set[str] = set()
+        attempts = 0
+        while True:
+            if not self._table.has_ready(route.variant_ids):
+                await self._ensure_backend(route)
+            metrics.QUEUE_DEPTH.set(self._table.queue_depth() + 1)
+            try:
+                async with self._table.lease(route.variant_ids, exclude=frozenset(tried)) as lease:
+                    metrics.QUEUE_DEPTH.set(self._table.queue_depth())
+                    generation.model_id = lease.model_id
+                    generation.backend_id = lease.load.backend.id
+                    metrics.VARIANT_CHOICE.labels(route.requested, lease.model_id).inc()
+                    body = codec.backend_body(
+                        request, backend_model=lease.backend_model, stream=True,
+                        max_tokens_default=self._settings.default_max_tokens,
+                    )
+                    received = False
+                    try:
+                        async for event in self._llama.stream(lease.endpoint, api.path, body):
+                            received = True
+                            yield event
+                        return
+                    except RouterError as error:
+                        if received:
+                            raise StreamBroken(f"the model backend failed mid-answer: {error.message}") from error
+                        if not error.retryable or attempts >= self._settings.max_retries_before_first_token:
+                            raise
+                        attempts += 1
+                        metrics.RETRIES.inc()
+                        tried.add(lease.load.backend.id)
+                        self._table.avoid(lease.load.backend.id)
+                        log.warning("backend %s failed before the first token (%s); retrying", lease.load.backend.id, error)
+            finally:
+                metrics.QUEUE_DEPTH.set(self._table.queue_depth())
+            if not self._table.has_ready(route.variant_ids):
+                # Every replica failed: wait for the Supervisor to restart one (or start it ourselves).
+                tried.clear()
+                await asyncio.sleep(0.5)
+
+    async def _ensure_backend(self, route: ModelRoute) -> None:
+        """Asks the Supervisor to start the route's best variant; concurrent callers share one call."""
+        model_id = route.variant_ids[0]
+        task = self._cold_starts.get(model_id)
+        if task is None or task.done():
+            task = asyncio.create_task(self._call_ensure(model_id))
+            self._cold_starts[model_id] = task
+        await asyncio.shield(task)
+
+    async def _call_ensure(self, model_id: str) -> None:
+        try:
+            reply = await self._supervisor.EnsureBackend(
+                supervisor_service_pb2.EnsureBackendRequest(model=model_id),
+                timeout=self._settings.cold_start_timeout_seconds,
+            )
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                raise ModelNotFound(f"The model `{model_id}` is unknown to the Supervisor.", param="model") from error
+            raise ModelUnavailable(f"The model `{model_id}` cannot be started: {error.details()}") from error
+        self._table.add(reply.backend)
+
+
+# --- helpers -------------------------------------------------------------------------------------
+def _cache_metadata(decision: CacheDecision) -> tuple[tuple[str, str], ...]:
+    metadata = [(gateway.CACHE_HEADER, decision.status)]
+    if decision.status == "hit":
+        metadata.append((gateway.CACHE_KIND_HEADER, decision.kind))
+        if decision.kind == "semantic":
+            metadata.append((gateway.SIMILARITY_HEADER, f"{decision.similarity:.4f}"))
+    return tuple(metadata)
+
+
+def _fresh(message: Message) -> Message:
+    """A cached answer gets its own id and time, as any answer does."""
+    prefix = "chatcmpl" if isinstance(message, pb.CreateChatCompletionResponse) else "cmpl"
+    message.id = f"{prefix}-{secrets.token_hex(12)}"  # type: ignore[attr-defined]
+    message.created = int(time.time())  # type: ignore[attr-defined]
+    return message
+
+
+def _error_detail(error: RouterError) -> pb.ErrorDetail:
+    return pb.ErrorDetail(message=error.message, type=error.error_type, code=error.error_code, param=error.param or "")
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
+    await gateway.abort_with_openai_error(
+        context,
+        error.grpc_code,
+        error.message,
+        type=error.error_type,
+        code=error.error_code,
+        param=error.param,
+        retry_after=error.retry_after,
+    )
+
+
+def _remaining(context: grpc.aio.ServicerContext, default: float) -> float:
+    remaining = context.time_remaining()
+    return default if remaining is None else max(0.001, min(default, remaining))
+
+
+@contextlib.asynccontextmanager
+async def _deadline(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    """The caller's gRPC deadline bounds all the work done for it, backends included."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        yield
+        return
+    try:
+        async with asyncio.timeout(remaining):
+            yield
+    except TimeoutError:
+        raise BackendUnavailable("the request's deadline passed before the answer was complete") from None
+
+
+def _embedding_inputs(request: pb.CreateEmbeddingRequest) -> list[str]:
+    kind = request.input.WhichOneof("kind") if request.HasField("input") else None
+    if kind == "string_value":
+        texts = [request.input.string_value]
+    elif kind == "list_value" and all(v.WhichOneof("kind") == "string_value" for v in request.input.list_value.values):
+        texts = [v.string_value for v in request.input.list_value.values]
+    elif kind == "list_value":
+        raise InvalidRequest("token-id inputs are not supported; send text", param="input")
+    else:
+        raise InvalidRequest("`input` must be a string or a list of strings", param="input")
+    if not texts:
+        raise InvalidRequest("`input` must not be empty", param="input")
+    if len(texts) > MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"`input` has {len(texts)} items; the limit is {MAX_EMBEDDING_INPUTS}", param="input")
+    return texts
+
+
+def _shorten(vector: list[float], dimensions: int) -> list[float]:
+    if not dimensions or dimensions >= len(vector):
+        return vector
+    head = vector[:dimensions]
+    norm = sum(x * x for x in head) ** 0.5 or 1.0
+    return [x / norm for x in head]

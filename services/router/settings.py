@@ -1,0 +1,37 @@
+"""Router settings: where its peers are, how long to wait for them, and how to queue and route."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import ServiceSettings
+
+
+class RouterSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="LMC_ROUTER_", frozen=True, extra="ignore")
+
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9151, ge=0, le=65535)
+
+    registry_address: str = "127.0.0.1:50055"
+    supervisor_address: str = "127.0.0.1:50054"
+    embedding_address: str = "127.0.0.1:50052"
+    cache_address: str = "127.0.0.1:50053"
+
+    cache_enabled: bool = Field(True, description="Look up and store answers in the semantic cache.")
+    cache_timeout_seconds: float = Field(0.25, gt=0, description="Budget for embedding + lookup; a miss after it.")
+
+    connect_timeout_seconds: float = Field(5.0, gt=0, description="Connecting to a llama-server.")
+    first_token_timeout_seconds: float = Field(120.0, gt=0, description="From sending to the first token.")
+    token_timeout_seconds: float = Field(60.0, gt=0, description="Longest silence between two tokens.")
+    cold_start_timeout_seconds: float = Field(300.0, gt=0, description="EnsureBackend for a cold model.")
+
+    queue_limit: int = Field(64, ge=0, description="Requests that may wait for a free slot, per model.")
+    queue_timeout_seconds: float = Field(30.0, gt=0, description="Longest wait for a free slot.")
+    retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with 429 when the queue is full.")
+    overflow_queue_threshold: int = Field(
+        0, ge=0, description="Waiting requests on the best variant before requests overflow to a lighter one."
+    )
+    max_retries_before_first_token: int = Field(2, ge=0, description="Retries on another backend.")
+    default_max_tokens: int = Field(0, ge=0, description="max_tokens sent when the request has none (0: none).")

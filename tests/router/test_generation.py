@@ -1,0 +1,67 @@
+"""Coalescing: identical concurrent requests share one generation; the last one to leave cancels it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from services.router.generation import Coalescer, Generation
+
+
+async def test_a_late_subscriber_gets_every_event() -> None:
+    gate = asyncio.Event()
+    starts = 0
+
+    async def produce(generation: Generation) -> AsyncIterator[dict[str, Any]]:
+        nonlocal starts
+        starts += 1
+        yield {"n": 1}
+        await gate.wait()
+        yield {"n": 2}
+
+    coalescer = Coalescer()
+    first = coalescer.join_or_start("k", produce)
+
+    async def read(generation: Generation) -> list[int]:
+        return [event["n"] async for event in generation.subscribe()]
+
+    reader = asyncio.create_task(read(first))
+    await asyncio.sleep(0.01)
+    second = coalescer.join_or_start("k", produce)
+    assert second is first
+    late = asyncio.create_task(read(second))
+    gate.set()
+    assert await reader == [1, 2] and await late == [1, 2]
+    assert starts == 1
+
+
+async def test_the_last_subscriber_leaving_cancels_the_backend_request() -> None:
+    cancelled = asyncio.Event()
+
+    async def produce(generation: Generation) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield {"n": 1}
+            await asyncio.sleep(3600)
+        finally:
+            cancelled.set()
+
+    generation = Coalescer().join_or_start("k", produce)
+    async for _ in generation.subscribe():
+        break  # the client went away after the first token
+    await asyncio.wait_for(cancelled.wait(), 5)
+
+
+async def test_errors_reach_every_subscriber() -> None:
+    async def produce(generation: Generation) -> AsyncIterator[dict[str, Any]]:
+        yield {"n": 1}
+        raise RuntimeError("backend died")
+
+    generation = Coalescer().join_or_start(None, produce)
+    seen = []
+    try:
+        async for event in generation.subscribe():
+            seen.append(event)
+    except RuntimeError as error:
+        assert "backend died" in str(error)
+    assert seen == [{"n": 1}]
