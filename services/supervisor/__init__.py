@@ -1,0 +1,1 @@
+"""The Supervisor: owns every llama-server process (start, health, restart, swap, stop)."""

@@ -1,0 +1,97 @@
+"""The Supervisor's Prometheus metrics, and where each backend's own /metrics can be scraped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lmcluster.supervisor.v1 import supervisor_pb2
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from services.supervisor.backend import Backend
+
+log = logging.getLogger(__name__)
+
+BACKENDS = Gauge("lmc_supervisor_backends", "Backends by state.", ["state"])
+RESTARTS = Counter(
+    "lmc_supervisor_backend_restarts_total", "Restarts after a crash or failed health check, by model.", ["model"]
+)
+START_SECONDS = Histogram(
+    "lmc_supervisor_backend_start_seconds",
+    "From spawning llama-server to its first healthy /health.",
+    buckets=(0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300),
+)
+MEMORY_BUDGET = Gauge("lmc_supervisor_memory_budget_bytes", "Memory budget for all backends.")
+MEMORY_USED = Gauge("lmc_supervisor_memory_used_bytes", "Sum of the estimates of live backends.")
+BACKEND_INFO = Gauge(
+    "lmc_supervisor_backend_info",
+    "One series per live backend (value 1); metrics_url is its llama-server /metrics for scraping.",
+    ["backend", "model", "alias", "variant", "endpoint", "metrics_url"],
+)
+
+_STATES = [
+    name.removeprefix("BACKEND_STATE_")
+    for name in supervisor_pb2.BackendState.keys()
+    if name != "BACKEND_STATE_UNSPECIFIED"
+]
+
+
+_written: dict[Path, str] = {}
+
+
+def publish(backends: Iterable[Backend], budget: int, used: int, targets_file: Path | None) -> None:
+    """Refreshes the gauges (and the scrape targets file) from the current table."""
+    backends = list(backends)
+    counts = dict.fromkeys(_STATES, 0)
+    for backend in backends:
+        counts[supervisor_pb2.BackendState.Name(backend.state).removeprefix("BACKEND_STATE_")] += 1
+    for state, count in counts.items():
+        BACKENDS.labels(state).set(count)
+    MEMORY_BUDGET.set(budget)
+    MEMORY_USED.set(used)
+    BACKEND_INFO.clear()
+    scrapable = [backend for backend in backends if backend.live and backend.port]
+    for backend in scrapable:
+        BACKEND_INFO.labels(
+            backend.id,
+            backend.model.id,
+            backend.model.alias,
+            backend.model.quantization,
+            backend.endpoint,
+            f"{backend.endpoint}/metrics",
+        ).set(1)
+    if targets_file is not None:
+        write_scrape_targets(targets_file, scrapable)
+
+
+def write_scrape_targets(path: Path, backends: Iterable[Backend]) -> None:
+    """Prometheus `file_sd_configs` JSON: one target group per backend, labelled with its model."""
+    groups = [
+        {
+            "targets": [f"{backend.settings.backend_host}:{backend.port}"],
+            "labels": {
+                "backend": backend.id,
+                "model": backend.model.id,
+                "alias": backend.model.alias,
+                "variant": backend.model.quantization,
+                "replica": str(backend.replica),
+            },
+        }
+        for backend in backends
+    ]
+    content = json.dumps(groups, indent=2)
+    if _written.get(path) == content:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(path.suffix + ".tmp")
+        temporary.write_text(content)
+        os.replace(temporary, path)
+        _written[path] = content
+    except OSError as error:
+        log.warning("cannot write scrape targets to %s: %s", path, error)

