@@ -1,0 +1,1 @@
+"""The semantic cache service: exact and verified semantic lookups of answers on Redis Stack."""

@@ -1,0 +1,1 @@
+"""The Embedding service: texts to L2-normalized vectors, micro-batched, on ONNX Runtime or torch."""
