@@ -1,0 +1,283 @@
+"""Renders envoy.yaml for one run: ports, the Router's address, API keys, limits and timeouts.
+
+envoy.yaml stays a complete Envoy configuration that `envoy --mode validate -c envoy.yaml` accepts
+as it is, with PRODUCT.md's defaults written out. This module loads it as YAML, changes the parts
+it names below, and writes the result; each part is looked up by its name (listener `public`,
+cluster `router`, the HTTP filters by filter name), so a template whose structure no longer
+matches fails here with a message that says what is missing, rather than rendering a
+configuration that silently keeps a default.
+
+- the public listener's port (and, optionally, address) and the admin port,
+- the `router` cluster's endpoint (an IP address: STATIC; a host name: STRICT_DNS),
+- the transcoder's descriptor set, made absolute (Envoy resolves paths against its working dir),
+- API keys: an `envoy.filters.http.api_key_auth` filter, inserted only when keys are given,
+- the request body limit (413 beyond it), the token bucket of the local rate limit (429), the
+  stream idle timeout, and the access log.
+
+A limit left at None keeps the template's value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_HCM = "envoy.filters.network.http_connection_manager"
+_TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
+_RATE_LIMIT = "envoy.filters.http.local_ratelimit"
+_API_KEY_AUTH = "envoy.filters.http.api_key_auth"
+_LUA = "envoy.filters.http.lua"
+_LISTENER = "public"
+_CLUSTER = "router"
+# An API key goes into an HTTP header: printable ASCII, no spaces, no separators that break parsing.
+_API_KEY = re.compile(r"^[\x21-\x7e]{1,512}$")
+
+Config = dict[str, Any]
+
+
+class EnvoyTemplateError(ValueError):
+    """The template lacks a part the renderer changes."""
+
+
+def render_envoy_config(
+    template: Path,
+    out: Path,
+    *,
+    http_port: int,
+    admin_port: int,
+    router_address: str = "127.0.0.1:50051",
+    descriptor_set: Path,
+    api_keys: Sequence[str] = (),
+    max_request_bytes: int | None = None,
+    rate_limit_per_second: float | None = None,
+    rate_limit_burst: int | None = None,
+    stream_idle_timeout_s: float | None = None,
+    listen_address: str | None = None,
+    access_log: bool = True,
+) -> Path:
+    """Writes `template` rendered for one run to `out` (mode 0600: it may hold API keys); returns `out`.
+
+    - `http_port`, `admin_port`: 0 lets the kernel pick (read them back from the admin API).
+    - `router_address`: HOST:PORT of the Router (`[v6]:PORT` for IPv6).
+    - `api_keys`: empty leaves the API open; otherwise every request except /healthz and /readyz
+      needs `Authorization: Bearer KEY` with one of them (401 otherwise).
+    - `max_request_bytes`: the largest request body (413 beyond it).
+    - `rate_limit_per_second`, `rate_limit_burst`: one token bucket for the listener (429 beyond
+      it); a rate of 0 turns the limit off; the burst defaults to one second's worth of requests.
+    - `stream_idle_timeout_s`: how long a request or stream may go without a byte either way.
+    - `listen_address`: the public listener's address (the template's 0.0.0.0 when None).
+    - `access_log`: one JSON line per request on stdout (no credentials in it).
+    """
+    if not descriptor_set.is_file():
+        raise FileNotFoundError(f"descriptor set {descriptor_set} does not exist; run `make gen`")
+    for port, name in ((http_port, "http_port"), (admin_port, "admin_port")):
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{name} {port} is not a TCP port")
+    keys = _checked_api_keys(api_keys)
+
+    config = yaml.safe_load(template.read_text())
+    if not isinstance(config, dict):
+        raise EnvoyTemplateError(f"{template}: not a YAML mapping")
+    where = str(template)
+
+    _socket_address(_get(config, "admin", where), where + ": admin")["port_value"] = admin_port
+    listener = _named(_get(_get(config, "static_resources", where), "listeners", where), _LISTENER, where)
+    listener_address = _socket_address(listener, f"{where}: listener {_LISTENER}")
+    listener_address["port_value"] = http_port
+    if listen_address is not None:
+        listener_address["address"] = str(ipaddress.ip_address(listen_address))
+
+    hcm = _network_filter(listener, _HCM, where)
+    http_filters: list[Config] = _get(hcm, "http_filters", where)
+    _typed_config(http_filters, _TRANSCODER, where)["proto_descriptor"] = str(descriptor_set.resolve())
+    _set_router_address(config, router_address, where)
+
+    if keys:
+        _insert_api_key_auth(http_filters, keys)
+    if max_request_bytes is not None:
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes {max_request_bytes} must be positive")
+        for virtual_host in _get(_get(hcm, "route_config", where), "virtual_hosts", where):
+            virtual_host["request_body_buffer_limit"] = max_request_bytes
+            for route in virtual_host.get("routes", []):
+                lua = route.get("metadata", {}).get("filter_metadata", {}).get(_LUA, {})
+                if "max_request_bytes" in lua:
+                    lua["max_request_bytes"] = max_request_bytes
+    if rate_limit_per_second is not None or rate_limit_burst is not None:
+        _set_rate_limit(http_filters, rate_limit_per_second, rate_limit_burst, where)
+    if stream_idle_timeout_s is not None:
+        hcm["stream_idle_timeout"] = _duration(stream_idle_timeout_s)
+    if not access_log:
+        hcm.pop("access_log", None)
+
+    _write_private(out, yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=False))
+    return out
+
+
+def _checked_api_keys(api_keys: Sequence[str]) -> list[str]:
+    if isinstance(api_keys, str):
+        raise TypeError("api_keys is a sequence of keys, not one string")
+    keys = [key.strip() for key in api_keys if key.strip()]
+    for index, key in enumerate(keys):
+        if not _API_KEY.match(key):
+            # The key itself stays out of the message: it may end up in a log.
+            raise ValueError(f"API key #{index + 1} has characters an HTTP header cannot carry")
+    return list(dict.fromkeys(keys))
+
+
+def _get(mapping: Config, key: str, where: str) -> Any:
+    if not isinstance(mapping, dict) or key not in mapping:
+        raise EnvoyTemplateError(f"{where}: no `{key}` where the renderer expects it")
+    return mapping[key]
+
+
+def _named(items: list[Config], name: str, where: str) -> Config:
+    for item in items:
+        if isinstance(item, dict) and item.get("name") == name:
+            return item
+    raise EnvoyTemplateError(f"{where}: nothing named `{name}`")
+
+
+def _socket_address(holder: Config, where: str) -> Config:
+    address: Config = _get(_get(holder, "address", where), "socket_address", where)
+    return address
+
+
+def _network_filter(listener: Config, name: str, where: str) -> Config:
+    for chain in _get(listener, "filter_chains", where):
+        for network_filter in chain.get("filters", []):
+            if network_filter.get("name") == name:
+                typed: Config = _get(network_filter, "typed_config", where)
+                return typed
+    raise EnvoyTemplateError(f"{where}: listener `{_LISTENER}` has no `{name}`")
+
+
+def _typed_config(http_filters: list[Config], name: str, where: str) -> Config:
+    typed: Config = _get(_named(http_filters, name, where), "typed_config", where)
+    return typed
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", address.strip())
+    if match is None:
+        raise ValueError(f"router address {address!r} is not HOST:PORT")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"router address {address!r} has no valid port")
+    return host, port
+
+
+def _set_router_address(config: Config, router_address: str, where: str) -> None:
+    host, port = _split_address(router_address)
+    cluster = _named(_get(config["static_resources"], "clusters", where), _CLUSTER, where)
+    try:
+        ipaddress.ip_address(host)
+        cluster["type"] = "STATIC"
+    except ValueError:
+        # A name (e.g. a Kubernetes Service) is resolved, and re-resolved, by Envoy.
+        cluster["type"] = "STRICT_DNS"
+    endpoints = _get(_get(cluster, "load_assignment", where), "endpoints", where)
+    lb_endpoints = endpoints[0]["lb_endpoints"] if endpoints else []
+    if len(endpoints) != 1 or len(lb_endpoints) != 1:
+        raise EnvoyTemplateError(f"{where}: cluster `{_CLUSTER}` must have exactly one endpoint")
+    address = _socket_address(_get(lb_endpoints[0], "endpoint", where), where)
+    address["address"] = host
+    address["port_value"] = port
+
+
+def _insert_api_key_auth(http_filters: list[Config], keys: list[str]) -> None:
+    """Right after the health checks, so /healthz and /readyz stay open and nothing else does."""
+    auth = {
+        "name": _API_KEY_AUTH,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
+            "credentials": [{"key": key, "client": f"key-{index + 1}"} for index, key in enumerate(keys)],
+            # `Authorization: Bearer KEY` (the filter strips "Bearer "); gRPC clients send the same metadata.
+            "key_sources": [{"header": "authorization"}],
+            # The Router never sees the key.
+            "forwarding": {"hide_credentials": True},
+        },
+    }
+    position = 0
+    for index, http_filter in enumerate(http_filters):
+        if http_filter.get("name") == "envoy.filters.http.health_check":
+            position = index + 1
+    http_filters.insert(position, auth)
+
+
+def _set_rate_limit(
+    http_filters: list[Config], per_second: float | None, burst: int | None, where: str
+) -> None:
+    if per_second is not None and per_second <= 0:
+        http_filters.remove(_named(http_filters, _RATE_LIMIT, where))
+        return
+    bucket: Config = _get(_typed_config(http_filters, _RATE_LIMIT, where), "token_bucket", where)
+    if per_second is not None:
+        if per_second >= 1:
+            # Whole tokens each second.
+            tokens, interval = round(per_second), 1.0
+        else:
+            # Slower than one a second: one token per interval.
+            tokens, interval = 1, 1 / per_second
+        bucket["tokens_per_fill"] = tokens
+        bucket["fill_interval"] = _duration(interval)
+        bucket["max_tokens"] = burst if burst is not None else tokens
+    elif burst is not None:
+        bucket["max_tokens"] = burst
+    if bucket["max_tokens"] < 1:
+        raise ValueError("rate_limit_burst must be at least 1")
+    # Retry-After: when the next token is due at the latest.
+    typed = _typed_config(http_filters, _RATE_LIMIT, where)
+    seconds = max(1, math.ceil(_seconds(bucket["fill_interval"])))
+    for header in typed.get("response_headers_to_add", []):
+        if header.get("header", {}).get("key", "").lower() == "retry-after":
+            header["header"]["value"] = str(seconds)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 0 or not math.isfinite(seconds):
+        raise ValueError(f"duration {seconds} s is not a finite, non-negative number")
+    return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+def _seconds(duration: str) -> float:
+    return float(str(duration).rstrip("s"))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (the Lua source) as literal blocks, readable in the rendered file,
+    and repeats shared parts (the template's YAML anchors) instead of writing aliases."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _write_private(out: Path, text: str) -> None:
+    """Writes atomically, readable by the owner only."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.")
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.chmod(temporary, 0o600)
+        os.replace(temporary, out)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
