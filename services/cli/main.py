@@ -18,7 +18,14 @@ app = typer.Typer(
 # Each service's process entry: `main()` reads its settings and serves until SIGTERM/SIGINT.
 SERVICE_ENTRYPOINTS = {
     "registry": "services.registry.server",
+    "supervisor": "services.supervisor.server",
+    "embedding": "services.embedding.server",
+    "cache": "services.cache.server",
+    "router": "services.router.server",
 }
+
+cache_app = typer.Typer(help="Look at and clear the semantic cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
 
 
 @app.command()
@@ -52,6 +59,76 @@ def models(
     from services.registry.cli_table import print_models
 
     raise typer.Exit(print_models(registry))
+
+
+@app.command()
+def backends(
+    supervisor: Annotated[
+        str, typer.Option(help="Supervisor address.", envvar="LMC_SUPERVISOR_ADDRESS")
+    ] = "127.0.0.1:50054",
+) -> None:
+    """List the llama-server backends the Supervisor runs: state, endpoint, restarts, slots, last error."""
+    from services.supervisor.cli_table import print_backends
+
+    raise typer.Exit(print_backends(supervisor))
+
+
+CacheAddress = Annotated[str, typer.Option("--cache", help="Cache address.", envvar="LMC_CACHE_ADDRESS")]
+
+
+@cache_app.command("stats")
+def cache_stats(cache: CacheAddress = "127.0.0.1:50053") -> None:
+    """Entries, hits and misses by kind, rejected candidates, hit ratio and index memory."""
+    from services.cache.cli import print_cache_stats
+
+    raise typer.Exit(print_cache_stats(cache))
+
+
+@cache_app.command("clear")
+def cache_clear(
+    scope: Annotated[str | None, typer.Option(help="Clear only this scope (a scope hash).")] = None,
+    cache: CacheAddress = "127.0.0.1:50053",
+) -> None:
+    """Remove cached answers: every entry, or one scope's."""
+    from services.cache.cli import clear_cache
+
+    raise typer.Exit(clear_cache(cache, scope))
+
+
+@app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="The API's base URL.", envvar="LMC_BENCH_URL")] = "http://127.0.0.1:8080/v1",
+    model: Annotated[str, typer.Option(help="Model id or alias; default: the first the API lists.")] = "",
+    users: Annotated[int, typer.Option(min=1, max=2000, help="Concurrent users.")] = 16,
+    requests: Annotated[int, typer.Option(min=1, help="Requests in all.")] = 200,
+    repeat_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of repeated or rephrased questions.")] = 0.6,
+    max_tokens: Annotated[int, typer.Option(min=1, help="max_tokens of each request.")] = 32,
+    api_key: Annotated[str | None, typer.Option(envvar="LMC_BENCH_API_KEY", help="Sent as a bearer token.")] = None,
+) -> None:
+    """Load a running stack with RAG-style chat traffic; print latency by cache outcome and the hit share."""
+    import httpx
+    from rich.console import Console
+
+    from services.cli.bench import report, run_bench
+
+    console = Console()
+    if not model:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            listed = httpx.get(f"{url.rstrip('/')}/models", headers=headers, timeout=10.0)
+            listed.raise_for_status()
+            model = listed.json()["data"][0]["id"]
+        except (httpx.HTTPError, KeyError, IndexError, ValueError) as error:
+            console.print(f"[red]cannot list the models at {url}[/]: {error}", highlight=False)
+            raise typer.Exit(1) from error
+    console.print(f"{requests} requests, {users} users, model {model}, {repeat_share:.0%} repeated", highlight=False)
+    with console.status("running"):
+        result = asyncio.run(
+            run_bench(url.rstrip("/"), model=model, users=users, requests=requests, repeat_share=repeat_share,
+                      max_tokens=max_tokens, api_key=api_key)
+        )  # fmt: skip
+    report(result, console)
+    raise typer.Exit(1 if result.errors else 0)
 
 
 if __name__ == "__main__":

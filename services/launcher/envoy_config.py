@@ -12,7 +12,10 @@ configuration that silently keeps a default.
 - the transcoder's descriptor set, made absolute (Envoy resolves paths against its working dir),
 - API keys: an `envoy.filters.http.api_key_auth` filter, inserted only when keys are given,
 - the request body limit (413 beyond it), the token bucket of the local rate limit (429), the
-  stream idle timeout, and the access log.
+  stream idle timeout, and the access log;
+- tracing: the OpenTelemetry tracer's `opentelemetry_collector` cluster pointed at the standard
+  OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT (TLS for https://, headers as gRPC metadata, sampling from
+  OTEL_TRACES_SAMPLER/_ARG), or the tracer and that cluster removed when no endpoint is set.
 
 A limit left at None keeps the template's value.
 """
@@ -30,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from services.common.telemetry import TelemetrySettings
+
 _HCM = "envoy.filters.network.http_connection_manager"
 _TRANSCODER = "envoy.filters.http.grpc_json_transcoder"
 _RATE_LIMIT = "envoy.filters.http.local_ratelimit"
@@ -37,6 +42,9 @@ _API_KEY_AUTH = "envoy.filters.http.api_key_auth"
 _LUA = "envoy.filters.http.lua"
 _LISTENER = "public"
 _CLUSTER = "router"
+_COLLECTOR = "opentelemetry_collector"
+_OTEL_TRACER = "envoy.tracers.opentelemetry"
+_SYSTEM_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 # An API key goes into an HTTP header: printable ASCII, no spaces, no separators that break parsing.
 _API_KEY = re.compile(r"^[\x21-\x7e]{1,512}$")
 
@@ -61,7 +69,9 @@ def render_envoy_config(
     rate_limit_burst: int | None = None,
     stream_idle_timeout_s: float | None = None,
     listen_address: str | None = None,
+    admin_address: str | None = None,
     access_log: bool = True,
+    telemetry: TelemetrySettings | None = None,
 ) -> Path:
     """Writes `template` rendered for one run to `out` (mode 0600: it may hold API keys); returns `out`.
 
@@ -74,7 +84,11 @@ def render_envoy_config(
       it); a rate of 0 turns the limit off; the burst defaults to one second's worth of requests.
     - `stream_idle_timeout_s`: how long a request or stream may go without a byte either way.
     - `listen_address`: the public listener's address (the template's 0.0.0.0 when None).
+    - `admin_address`: the admin listener's address (the template's 127.0.0.1 when None; a
+      container sets 0.0.0.0 so Prometheus can scrape /stats/prometheus).
     - `access_log`: one JSON line per request on stdout (no credentials in it).
+    - `telemetry`: the OTEL_* settings (`TelemetrySettings()` reads them); None or no endpoint
+      leaves tracing off.
     """
     if not descriptor_set.is_file():
         raise FileNotFoundError(f"descriptor set {descriptor_set} does not exist; run `make gen`")
@@ -88,7 +102,10 @@ def render_envoy_config(
         raise EnvoyTemplateError(f"{template}: not a YAML mapping")
     where = str(template)
 
-    _socket_address(_get(config, "admin", where), where + ": admin")["port_value"] = admin_port
+    admin = _socket_address(_get(config, "admin", where), where + ": admin")
+    admin["port_value"] = admin_port
+    if admin_address is not None:
+        admin["address"] = str(ipaddress.ip_address(admin_address))
     listener = _named(_get(_get(config, "static_resources", where), "listeners", where), _LISTENER, where)
     listener_address = _socket_address(listener, f"{where}: listener {_LISTENER}")
     listener_address["port_value"] = http_port
@@ -117,6 +134,7 @@ def render_envoy_config(
         hcm["stream_idle_timeout"] = _duration(stream_idle_timeout_s)
     if not access_log:
         hcm.pop("access_log", None)
+    _set_tracing(config, hcm, telemetry, where)
 
     _write_private(out, yaml.dump(config, Dumper=_Dumper, sort_keys=False, width=120, allow_unicode=False))
     return out
@@ -192,6 +210,114 @@ def _set_router_address(config: Config, router_address: str, where: str) -> None
     address = _socket_address(_get(lb_endpoints[0], "endpoint", where), where)
     address["address"] = host
     address["port_value"] = port
+
+
+def _set_tracing(config: Config, hcm: Config, telemetry: TelemetrySettings | None, where: str) -> None:
+    clusters: list[Config] = _get(config["static_resources"], "clusters", where)
+    if telemetry is None or not telemetry.enabled:
+        hcm.pop("tracing", None)
+        clusters[:] = [cluster for cluster in clusters if cluster.get("name") != _COLLECTOR]
+        return
+    tracing: Config = _get(hcm, "tracing", where)
+    provider: Config = _get(tracing, "provider", where)
+    if provider.get("name") != _OTEL_TRACER:
+        raise EnvoyTemplateError(f"{where}: the tracing provider is not `{_OTEL_TRACER}`")
+    otel: Config = _get(provider, "typed_config", where)
+    grpc_service: Config = _get(otel, "grpc_service", where)
+    endpoint = parse_otlp_endpoint(telemetry.traces_endpoint, insecure=telemetry.insecure)
+
+    metadata = parse_otlp_headers(telemetry.headers)
+    if metadata:
+        grpc_service["initial_metadata"] = [{"key": key, "value": value} for key, value in metadata]
+    if telemetry.resource_attributes:
+        # Envoy's own OTEL_RESOURCE_ATTRIBUTES (it inherits the launcher's environment).
+        otel["resource_detectors"] = [
+            {
+                "name": "envoy.tracers.opentelemetry.resource_detectors.environment",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.tracers.opentelemetry"
+                    ".resource_detectors.v3.EnvironmentResourceDetectorConfig"
+                },
+            }
+        ]
+    # New traces only: a sampled `traceparent` from the client is followed as it is.
+    tracing["random_sampling"] = {"value": round(telemetry.sampling_ratio() * 100, 4)}
+
+    collector = _named(clusters, _COLLECTOR, where)
+    try:
+        ipaddress.ip_address(endpoint.host)
+        collector["type"] = "STATIC"
+    except ValueError:
+        collector["type"] = "STRICT_DNS"
+    endpoints = _get(_get(collector, "load_assignment", where), "endpoints", where)
+    address = _socket_address(_get(endpoints[0]["lb_endpoints"][0], "endpoint", where), where)
+    address["address"] = endpoint.host
+    address["port_value"] = endpoint.port
+    if endpoint.tls:
+        validation: Config = {}
+        ca = Path(telemetry.certificate) if telemetry.certificate else _SYSTEM_CA
+        if ca.is_file():
+            validation = {"validation_context": {"trusted_ca": {"filename": str(ca.resolve())}}}
+        collector["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": endpoint.host,
+                "common_tls_context": {"alpn_protocols": ["h2"], **validation},
+            },
+        }
+
+
+class OtlpEndpoint:
+    """Where OTLP/gRPC goes: host, port, and whether the connection uses TLS."""
+
+    def __init__(self, host: str, port: int, tls: bool) -> None:
+        self.host, self.port, self.tls = host, port, tls
+
+    def __repr__(self) -> str:
+        return f"OtlpEndpoint({self.host!r}, {self.port}, tls={self.tls})"
+
+
+def parse_otlp_endpoint(endpoint: str, *, insecure: bool = False) -> OtlpEndpoint:
+    """OTEL_EXPORTER_OTLP_ENDPOINT as the OTLP/gRPC exporters read it.
+
+    `http://host:port` is plaintext, `https://host:port` is TLS; without a scheme, TLS unless
+    OTEL_EXPORTER_OTLP_INSECURE is true. The port defaults to 4317.
+    """
+    text = endpoint.strip()
+    if not text:
+        raise ValueError("OTEL_EXPORTER_OTLP_ENDPOINT is empty")
+    scheme = ""
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        scheme = scheme.lower()
+        if scheme not in ("http", "https", "grpc", "grpcs"):
+            raise ValueError(f"OTLP endpoint {endpoint!r}: unknown scheme {scheme!r} (use http:// or https://)")
+    hostport = text.split("/", 1)[0]
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]/]+)(?::(\d+))?", hostport)
+    if match is None:
+        raise ValueError(f"OTLP endpoint {endpoint!r} is not [SCHEME://]HOST[:PORT]")
+    host = match.group(1) or match.group(3)
+    port = int(match.group(2) or match.group(4) or 4317)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"OTLP endpoint {endpoint!r} has no valid port")
+    tls = scheme in ("https", "grpcs") or (scheme == "" and not insecure)
+    return OtlpEndpoint(host, port, tls)
+
+
+def parse_otlp_headers(headers: str) -> list[tuple[str, str]]:
+    """OTEL_EXPORTER_OTLP_HEADERS (`key1=value1,key2=value2`, values URL-encoded) as gRPC metadata."""
+    from urllib.parse import unquote
+
+    pairs = []
+    for item in headers.split(","):
+        if not item.strip():
+            continue
+        key, separator, value = item.partition("=")
+        if not separator or not key.strip():
+            raise ValueError("OTEL_EXPORTER_OTLP_HEADERS must be key=value pairs separated by commas")
+        pairs.append((key.strip().lower(), unquote(value.strip())))
+    return pairs
 
 
 def _insert_api_key_auth(http_filters: list[Config], keys: list[str]) -> None:

@@ -19,7 +19,18 @@ class StackSettings(BaseSettings):
     http_port: int = Field(8080, ge=1, le=65535, description="Envoy's public REST and gRPC port.")
     envoy_admin_port: int = Field(9901, ge=1, le=65535, description="Envoy admin, bound to loopback.")
     router_port: int = Field(50051, ge=1, le=65535)
+    embedding_port: int = Field(50052, ge=1, le=65535)
+    cache_port: int = Field(50053, ge=1, le=65535)
+    supervisor_port: int = Field(50054, ge=1, le=65535)
     registry_port: int = Field(50055, ge=1, le=65535)
+    api_keys: str = Field(
+        "", description="Comma-separated API keys; when set, Envoy requires `Authorization: Bearer KEY`."
+    )
+    preload: str = Field(
+        "all",
+        validation_alias=AliasChoices("LMC_SUPERVISOR_PRELOAD", "LMC_PRELOAD"),
+        description="Models the Supervisor starts at boot ('all' READY models by default, '' for none).",
+    )
     redis_url: str = Field("redis://127.0.0.1:6379", validation_alias=AliasChoices("REDIS_URL", "LMC_REDIS_URL"))
     models_dir: Path | None = Field(
         None, description="Models folder; `make up` uses the demo folder when unset."

@@ -52,7 +52,25 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
     """The parts, in start order."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     specs: list[ProcessSpec] = []
-    env = {"LMC_MODELS_DIR": str(settings.effective_models_dir().resolve()), "REDIS_URL": settings.redis_url}
+    addresses = {
+        "router": f"127.0.0.1:{settings.router_port}",
+        "embedding": f"127.0.0.1:{settings.embedding_port}",
+        "cache": f"127.0.0.1:{settings.cache_port}",
+        "supervisor": f"127.0.0.1:{settings.supervisor_port}",
+        "registry": f"127.0.0.1:{settings.registry_port}",
+    }
+    # Each service reads its own port and its peers' addresses from these (see each settings.py).
+    env = {
+        "LMC_MODELS_DIR": str(settings.effective_models_dir().resolve()),
+        "REDIS_URL": settings.redis_url,
+        **{f"LMC_{name.upper()}_PORT": address.rsplit(":", 1)[1] for name, address in addresses.items()},
+        "LMC_REGISTRY_ADDRESS": addresses["registry"],
+        "LMC_SUPERVISOR_PRELOAD": settings.preload,
+        "LMC_ROUTER_REGISTRY_ADDRESS": addresses["registry"],
+        "LMC_ROUTER_SUPERVISOR_ADDRESS": addresses["supervisor"],
+        "LMC_ROUTER_EMBEDDING_ADDRESS": addresses["embedding"],
+        "LMC_ROUTER_CACHE_ADDRESS": addresses["cache"],
+    }
 
     redis_url = urlparse(settings.redis_url)
     redis_host, redis_port = redis_url.hostname or "127.0.0.1", redis_url.port or 6379
@@ -64,15 +82,18 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
     else:
         log.info("using the Redis already at %s", settings.redis_url)
 
-    specs.append(service_spec("registry", f"127.0.0.1:{settings.registry_port}", env))
+    # Dependency order: the Supervisor follows the Registry; the Router needs all four.
+    for name in ("registry", "supervisor", "embedding", "cache", "router"):
+        specs.append(service_spec(name, addresses[name], env))
 
     envoy_config = render_envoy_config(
         settings.envoy_template,
         settings.run_dir / "envoy.yaml",
         http_port=settings.http_port,
         admin_port=settings.envoy_admin_port,
-        router_address=f"127.0.0.1:{settings.router_port}",
+        router_address=addresses["router"],
         descriptor_set=settings.descriptor_set,
+        api_keys=[key for key in settings.api_keys.split(",") if key.strip()],
     )
     specs.append(
         ProcessSpec(
@@ -152,7 +173,9 @@ def _print_endpoints(settings: StackSettings) -> None:
         "\n[bold]lmcluster is up[/]\n"
         f"  OpenAI-compatible REST  http://127.0.0.1:{port}/v1   (health: http://127.0.0.1:{port}/healthz)\n"
         f"  gRPC (Router)           127.0.0.1:{port}\n"
-        f"  Registry (gRPC)         127.0.0.1:{settings.registry_port}\n"
+        f"  Registry (gRPC)         127.0.0.1:{settings.registry_port}   (`lmcluster models`)\n"
+        f"  Supervisor (gRPC)       127.0.0.1:{settings.supervisor_port}   (`lmcluster backends`)\n"
+        f"  Cache (gRPC)            127.0.0.1:{settings.cache_port}   (`lmcluster cache stats`)\n"
         f"  Envoy admin             http://127.0.0.1:{settings.envoy_admin_port}\n"
         f"  models folder           {settings.effective_models_dir()}\n"
         "Press Ctrl-C to stop.\n"
