@@ -10,8 +10,7 @@ Measured, in one run, on a warm page cache:
 - first full scan: `ModelCatalog.start()` (walk, validate on the scan threads, build the model table);
 - rescan of the unchanged folder (one stat per file, nothing re-validated).
 
-Run: `.venv/bin/python -m pytest tests/bench/bench_registry_scan.py -s`
-  or `.venv/bin/python tests/bench/bench_registry_scan.py`
+Run: `.venv/bin/python -m pytest tests/bench/bench_registry_scan.py -s` (part of `make bench`)
 """
 
 from __future__ import annotations
@@ -19,13 +18,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import sys
-import tempfile
 import time
 from pathlib import Path
-
-if __name__ == "__main__":  # run as a script: make the repository importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from services.common import binaries
 from services.registry.catalog import ModelCatalog
@@ -128,7 +122,3 @@ def test_registry_scan_benchmark(tmp_path: Path) -> None:
     results = run_benchmark(tmp_path / "models")
     assert results["first_scan_files_per_s"] > 0
 
-
-if __name__ == "__main__":
-    with tempfile.TemporaryDirectory(prefix="lmc-bench-registry-") as folder:
-        run_benchmark(Path(folder) / "models")
