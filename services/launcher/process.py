@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -17,17 +16,9 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from services.common.children import OWN_PROCESS_GROUP, dies_with_parent
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    """Runs in the child between fork and exec: new process group, SIGKILL when the parent dies."""
-    os.setpgrp()
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 Probe = Callable[[], Awaitable[bool]]
 
@@ -58,12 +49,12 @@ class ManagedProcess:
     async def start(self) -> None:
         env = {**os.environ, **self.spec.env}
         self.process = await asyncio.create_subprocess_exec(
-            *self.spec.argv,
+            *dies_with_parent(self.spec.argv),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             env=env,
-            preexec_fn=die_with_parent,
+            **OWN_PROCESS_GROUP,
         )
         self._pump = asyncio.create_task(self._relay_output(), name=f"{self.spec.name}-output")
 

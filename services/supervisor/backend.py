@@ -8,7 +8,7 @@ Life cycle::
        └──── backoff + jitter ◄──────────────────────────┘ (too many in a row: FAILED)
 
 The process runs in its own process group and gets SIGKILL from the kernel when the Supervisor
-dies (`die_with_parent`), so a killed Supervisor leaves no llama-server holding memory. A stop is
+dies (services/common/children.py), so a killed Supervisor leaves no llama-server holding memory. A stop is
 SIGTERM to the group, then SIGKILL after the grace period.
 
 llama-server has no drain endpoint: draining waits until `/slots` shows no slot processing (twice
@@ -33,7 +33,7 @@ import httpx
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.supervisor.v1 import supervisor_pb2
 
-from services.launcher.process import die_with_parent
+from services.common.children import OWN_PROCESS_GROUP, dies_with_parent
 from services.supervisor import metrics
 from services.supervisor.capacity import MemoryEstimate, estimate_memory
 from services.supervisor.flags import LaunchPlan, build_command
@@ -319,11 +319,11 @@ class Backend:
         started = time.monotonic()
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.plan.argv,
+                *dies_with_parent(self.plan.argv),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                preexec_fn=die_with_parent,
+                **OWN_PROCESS_GROUP,
             )
         except OSError as error:
             return f"cannot run {self.plan.argv[0]}: {error}"

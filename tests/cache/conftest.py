@@ -26,7 +26,7 @@ from lmcluster.cache.v1 import cache_service_pb2_grpc as pb_grpc
 from services.cache.server import RunningCache, running_cache
 from services.cache.settings import CacheSettings
 from services.common import binaries
-from services.launcher.process import die_with_parent
+from services.common.children import OWN_PROCESS_GROUP, dies_with_parent
 from tests.fixtures.parts import REDIS_START_TIMEOUT, free_port, require_part
 
 if TYPE_CHECKING:
@@ -123,8 +123,8 @@ class RedisProcess:
         argv, env = require_part(lambda: binaries.redis_server_command(self.port, self.data_dir))
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **env}, preexec_fn=die_with_parent,
+                dies_with_parent(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **env}, **OWN_PROCESS_GROUP,
             )  # fmt: skip
         self.wait_until_ready()
 
