@@ -9,4 +9,4 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
-pytest_plugins = ["tests.fixtures.parts"]
+pytest_plugins = ["tests.fixtures.parts", "tests.fixtures.stack"]

@@ -1,0 +1,73 @@
+"""`lmcluster up` (what `make up` runs): the whole stack starts, and stopping it leaves no process.
+
+Each test runs its own stack (tests/fixtures/stack.py) because each one ends it: Ctrl-C, SIGTERM, or
+a SIGKILL of the launcher itself, which only the kernel's parent-death signal can clean up after.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.stack import running_stack
+from tests.supervisor.support import process_alive
+
+STOP_TIMEOUT = 60.0
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Every process below `root` (children, grandchildren, ...) with its command name."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        pid = int(entry.name)
+        names[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(pid)
+    found: dict[int, str] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found[pid] = names[pid]
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def wait_all_gone(pids: dict[int, str]) -> dict[int, str]:
+    """Waits until none of `pids` runs; returns those still running after the timeout."""
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while (left := {pid: name for pid, name in pids.items() if process_alive(pid)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=["ctrl-c", "sigterm", "sigkill"])
+def test_stopping_the_launcher_leaves_no_process_behind(
+    sig: signal.Signals, tmp_path: Path, redis_stack: str, demo_models_dir: Path
+) -> None:
+    with running_stack(tmp_path / "stack", redis_url=redis_stack, models_dir=demo_models_dir) as stack:
+        launcher = stack.part.process
+        family = descendants(launcher.pid)
+        names = set(family.values())
+        # Everything of the stack runs below the launcher: the five services, Envoy and the backend.
+        assert "envoy" in names and any(name.startswith("llama-server") for name in names), family
+        assert sum(1 for name in names if name.startswith("python")) >= 1, family
+        assert len(family) >= 7, family
+
+        os.kill(launcher.pid, sig)
+        code = launcher.wait(STOP_TIMEOUT)
+        left = wait_all_gone(family)
+        assert not left, f"still running after {sig.name} to the launcher: {left}"
+        if sig != signal.SIGKILL:
+            assert code == 0, stack.log_tail()
+            assert "all stopped" in stack.log_path.read_text()
