@@ -7,6 +7,8 @@ from lmcluster.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 from rich.console import Console
 from rich.table import Table
 
+from services.common.console import table_console
+
 _TIMEOUT_SECONDS = 15.0
 
 
@@ -65,7 +67,7 @@ def stats_table(stats: cache_service_pb2.GetStatsResponse) -> Table:
 def print_cache_stats(address: str, *, console: Console | None = None) -> int:
     """Prints the Cache's counters as a table; returns the exit code (1 if it cannot be asked)."""
     errors = console or Console(stderr=True)
-    console = console or Console()
+    console = console or table_console()
     try:
         with grpc.insecure_channel(address) as channel:
             stats = cache_service_pb2_grpc.CacheServiceStub(channel).GetStats(
@@ -80,7 +82,7 @@ def print_cache_stats(address: str, *, console: Console | None = None) -> int:
 def clear_cache(address: str, scope: str | None, *, console: Console | None = None) -> int:
     """Removes every entry, or those of one scope; prints how many; returns the exit code."""
     errors = console or Console(stderr=True)
-    console = console or Console()
+    console = console or table_console()
     request = (
         cache_service_pb2.InvalidateRequest(scope=scope)
         if scope

@@ -107,11 +107,11 @@ def bench(
 ) -> None:
     """Load a running stack with RAG-style chat traffic; print latency by cache outcome and the hit share."""
     import httpx
-    from rich.console import Console
 
     from services.cli.bench import report, run_bench
+    from services.common.console import table_console
 
-    console = Console()
+    console = table_console()
     if not model:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:

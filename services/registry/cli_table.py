@@ -7,6 +7,8 @@ from lmcluster.registry.v1 import registry_pb2, registry_service_pb2, registry_s
 from rich.console import Console
 from rich.table import Table
 
+from services.common.console import table_console
+
 _STATE_STYLE = {
     registry_pb2.MODEL_STATE_READY: ("READY", "green"),
     registry_pb2.MODEL_STATE_DOWNLOADING: ("DOWNLOADING", "yellow"),
@@ -61,7 +63,7 @@ def models_table(models: list[registry_pb2.Model]) -> Table:
 def print_models(address: str, *, include_invalid: bool = True, console: Console | None = None) -> int:
     """Prints the Registry's models as a table; returns the exit code (1 if it cannot be asked)."""
     errors = console or Console(stderr=True)
-    console = console or Console()
+    console = console or table_console()
     try:
         models = fetch_models(address, include_invalid=include_invalid)
     except grpc.RpcError as error:

@@ -11,6 +11,7 @@ from lmcluster.supervisor.v1 import supervisor_service_pb2_grpc as pb_grpc
 from rich.console import Console
 from rich.table import Table
 
+from services.common.console import table_console
 from services.supervisor.capacity import human_bytes
 
 _STATE_STYLE = {
@@ -41,7 +42,9 @@ def backends_table(reply: pb.ListBackendsResponse, now: float | None = None) -> 
         caption=f"memory: {human_bytes(memory.used_bytes)} of {human_bytes(memory.budget_bytes)} budget",
     )
     for column in ("model", "variant", "state", "endpoint", "pid", "restarts", "slots", "uptime", "last error"):
-        table.add_column(column, no_wrap=column not in ("model", "last error"))
+        # Model ids are long: fold them, and never let a narrow terminal squeeze them to nothing.
+        wraps = column in ("model", "last error")
+        table.add_column(column, no_wrap=not wraps, overflow="fold", min_width=24 if column == "model" else None)
     for backend in reply.backends:
         state = supervisor_pb2.BackendState.Name(backend.state).removeprefix("BACKEND_STATE_")
         live = backend.state in (
@@ -66,7 +69,7 @@ def backends_table(reply: pb.ListBackendsResponse, now: float | None = None) -> 
 
 def print_backends(address: str, *, console: Console | None = None, timeout: float = 5.0) -> int:
     """Prints the Supervisor's backends; returns the exit code (1 when it cannot be reached)."""
-    console = console or Console()
+    console = console or table_console()
     try:
         with grpc.insecure_channel(address) as channel:
             reply = pb_grpc.SupervisorServiceStub(channel).ListBackends(pb.ListBackendsRequest(), timeout=timeout)
