@@ -21,6 +21,7 @@ class RegistrySettings(ServiceSettings):
     )
 
     port: int = Field(50055, ge=0, le=65535)
+    metrics_port: int = Field(9155, ge=0, le=65535)
     # The README documents LMC_LOG_LEVEL / LMC_LOG_FORMAT for every service; the prefixed names win.
     log_level: str = Field(
         "INFO",

@@ -28,6 +28,7 @@ class SupervisorSettings(ServiceSettings):
     )
 
     port: int = Field(50054, ge=0, le=65535)
+    metrics_port: int = Field(9154, ge=0, le=65535)
     # The shared LMC_LOG_* names apply to every service; the prefixed names win.
     log_level: str = Field(
         "INFO",

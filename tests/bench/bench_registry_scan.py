@@ -68,7 +68,7 @@ def validation_seconds(root: Path) -> tuple[float, int]:
 
 
 async def catalog_seconds(root: Path) -> tuple[float, float, int]:
-    settings = RegistrySettings(models_dir=root, port=0, settle_seconds=0, watch=False)  # type: ignore[call-arg]
+    settings = RegistrySettings(models_dir=root, port=0, metrics_port=0, settle_seconds=0, watch=False)  # type: ignore[call-arg]
     catalog = ModelCatalog(settings)
     started = time.perf_counter()
     await catalog.start()

@@ -26,7 +26,7 @@ REPO = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
 
 def settings_for(models_dir: Path, **overrides: object) -> RegistrySettings:
     # Settle time 0: files the tests place are complete; the tests about settling set their own.
-    values: dict[str, object] = {"models_dir": models_dir, "port": 0, "settle_seconds": 0, "watch": False}
+    values: dict[str, object] = {"models_dir": models_dir, "port": 0, "metrics_port": 0, "settle_seconds": 0, "watch": False}
     values.update(overrides)
     return RegistrySettings(**values)  # type: ignore[arg-type]
 

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -45,6 +46,7 @@ async def registry_on(
     values: dict[str, object] = {
         "models_dir": models_dir,
         "port": 0,
+        "metrics_port": 0,
         "settle_seconds": 0.2,
         "watch_debounce_ms": 100,
         "shutdown_grace_seconds": 2,
@@ -239,7 +241,7 @@ async def test_health_is_serving_only_after_the_first_scan(
     for n in range(40):  # enough real headers that the first scan takes a moment
         header_copy(demo_model, models / "many" / f"m{n:02d}.Q4_1.gguf", demo_data_offset)
     port = free_port()
-    settings = RegistrySettings(models_dir=models, port=port, settle_seconds=0)  # type: ignore[call-arg]
+    settings = RegistrySettings(models_dir=models, port=port, metrics_port=0, settle_seconds=0)  # type: ignore[call-arg]
     observed: list[tuple[bool, int]] = []
     registry_ready = asyncio.Event()
 
@@ -316,10 +318,11 @@ async def test_print_models_table(models_dir: Path) -> None:
 
 def test_lmcluster_serve_registry_process(models_dir: Path, tmp_path: Path) -> None:
     """The real process: `lmcluster serve registry` on its configured port, stopped by SIGTERM."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = {
         "LMC_MODELS_DIR": str(models_dir),
         "LMC_REGISTRY_PORT": str(port),
+        "LMC_REGISTRY_METRICS_PORT": str(metrics_port),
         "LMC_REGISTRY_SETTLE_SECONDS": "0",
     }
     argv = [sys.executable, "-m", "services.cli.main", "serve", "registry"]
@@ -335,6 +338,8 @@ def test_lmcluster_serve_registry_process(models_dir: Path, tmp_path: Path) -> N
             stub = registry_service_pb2_grpc.RegistryServiceStub(channel)
             listed = stub.ListModels(registry_service_pb2.ListModelsRequest(), timeout=10)
         assert DEMO_ID in [m.id for m in listed.models]
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+        assert 'lmc_registry_models{kind="llm",state="ready"}' in scraped
         part.process.send_signal(signal.SIGTERM)
         assert part.process.wait(30) == 0, part.log_tail()
         assert "registry stopped" in part.log_tail()

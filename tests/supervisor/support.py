@@ -98,7 +98,9 @@ def place_model(models_dir: Path, relative: Path, source: Path, *, copy: bool = 
 
 
 def registry_settings(models_dir: Path, port: int = 0) -> RegistrySettings:
-    return RegistrySettings(port=port, models_dir=models_dir, settle_seconds=0.2, watch_debounce_ms=50)
+    return RegistrySettings(
+        port=port, metrics_port=0, models_dir=models_dir, settle_seconds=0.2, watch_debounce_ms=50
+    )
 
 
 # --- the Supervisor -----------------------------------------------------------------------------
@@ -108,6 +110,7 @@ def supervisor_settings(registry_address: str, **overrides: Any) -> SupervisorSe
     """Small, fast backends for tests; `overrides` replace any setting."""
     values: dict[str, Any] = {
         "port": 0,
+        "metrics_port": 0,
         "registry_address": registry_address,
         "port_range_start": TEST_PORTS[0],
         "port_range_end": TEST_PORTS[1],
