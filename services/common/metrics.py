@@ -17,8 +17,8 @@ RPC_REQUESTS = Counter(
 )
 RPC_LATENCY = Histogram(
     "lmc_grpc_server_handling_seconds",
-    "Time from an RPC's start to its last message, by service and method.",
-    ["grpc_service", "grpc_method"],
+    "Time from an RPC's start to its last message, by service, method and gRPC status code.",
+    ["grpc_service", "grpc_method", "grpc_code"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
 
@@ -59,8 +59,9 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         service, method = _split_method(handler_call_details.method)
 
         def record(started: float, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-            RPC_LATENCY.labels(service, method).observe(time.perf_counter() - started)
-            RPC_REQUESTS.labels(service, method, _code_of(context, error)).inc()
+            code = _code_of(context, error)
+            RPC_LATENCY.labels(service, method, code).observe(time.perf_counter() - started)
+            RPC_REQUESTS.labels(service, method, code).inc()
 
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary

@@ -1,7 +1,7 @@
 """Builds, serves and shuts down one grpc.aio server the same way for every service.
 
 Every server gets `grpc.health.v1.Health` (NOT_SERVING until the service says it is ready),
-server reflection (so grpcurl works), RPC metrics, and a graceful shutdown on SIGTERM/SIGINT:
+server reflection (so grpcurl works), RPC metrics, a span per RPC when tracing is on, and a graceful shutdown on SIGTERM/SIGINT:
 health flips to NOT_SERVING, streaming RPCs are told to finish, in-flight RPCs drain for the
 grace period, then the caller closes its clients in reverse order.
 """
@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from services.common.logging import configure_logging
 from services.common.metrics import MetricsInterceptor, serve_metrics
 from services.common.settings import ServiceSettings
-from services.common.telemetry import configure_tracing
+from services.common.telemetry import configure_tracing, server_interceptors, shutdown_tracing
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,9 @@ class ServiceHost:
         self.name = name
         self.settings = settings
         self.service_names = list(service_names)
+        # Tracing outermost (when on), so that the RPC's span covers everything else.
         self.server = grpc.aio.server(
-            interceptors=[MetricsInterceptor(), *interceptors], options=_CHANNEL_OPTIONS
+            interceptors=[*server_interceptors(), MetricsInterceptor(), *interceptors], options=_CHANNEL_OPTIONS
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -134,11 +135,10 @@ class ServiceHost:
 def run_service(name: str, settings: ServiceSettings, main: Callable[[ServiceSettings], Any]) -> None:
     """Process entry shared by every service: logging, tracing, then `asyncio.run(main(settings))`."""
     configure_logging(name, settings.log_level, settings.log_format)
-    provider = configure_tracing(name)
+    configure_tracing(name)
     try:
         asyncio.run(main(settings))
     except KeyboardInterrupt:
         pass
     finally:
-        if provider is not None:
-            provider.shutdown()
+        shutdown_tracing()

@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from typing import Any
+
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 LogFormat = Literal["text", "json"]
 
@@ -25,8 +27,32 @@ class CommonSettings(BaseSettings):
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long in-flight RPCs may drain.")
 
 
+# Settings every service reads under its own prefix (LMC_ROUTER_LOG_LEVEL) and, below that, under
+# the shared one (LMC_LOG_LEVEL), so one variable configures the whole stack.
+SHARED_FIELDS = frozenset(CommonSettings.model_fields)
+
+
+class _SharedEnvSource(EnvSettingsSource):
+    def __init__(self, settings_cls: type[BaseSettings]) -> None:
+        super().__init__(settings_cls, env_prefix="LMC_")
+
+    def __call__(self) -> dict[str, Any]:
+        return {name: value for name, value in super().__call__().items() if name in SHARED_FIELDS}
+
+
 class ServiceSettings(CommonSettings):
     """Where one gRPC service listens. Subclasses set the defaults and the env prefix."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _SharedEnvSource(settings_cls), dotenv_settings, file_secret_settings
 
     host: str = "127.0.0.1"
     port: int = Field(..., ge=0, le=65535)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 from lmcluster.embedding.v1 import embedding_service_pb2 as pb
 from lmcluster.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
+from opentelemetry import trace
 from prometheus_client import Counter
 
 from services.embedding.batcher import BatcherClosedError, MicroBatcher
@@ -90,6 +91,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         problem = find_invalid_texts(texts, self._limits)
         if problem is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+        span = trace.get_current_span()
+        if span.is_recording():  # the RPC's span (tracing on): how much work it brought
+            span.set_attributes({"lmc.embedding.texts": len(texts), "lmc.embedding.chars": sum(map(len, texts))})
         try:
             results = await model.batcher.submit(texts)
         except BatcherClosedError as error:

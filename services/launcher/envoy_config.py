@@ -292,9 +292,9 @@ def parse_otlp_endpoint(endpoint: str, *, insecure: bool = False) -> OtlpEndpoin
         scheme, _, text = text.partition("://")
         scheme = scheme.lower()
         if scheme not in ("http", "https", "grpc", "grpcs"):
-            raise ValueError(f"OTLP endpoint {endpoint!r}: unknown scheme {scheme!r} (use http:// or https://)")
+            raise ValueError(f"OTLP endpoint {endpoint!r}: scheme {scheme!r} is not http:// or https://")
     hostport = text.split("/", 1)[0]
-    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]/]+)(?::(\d+))?", hostport)
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\](?::(\d+))?|([^:\[\]/\s]+)(?::(\d+))?", hostport)
     if match is None:
         raise ValueError(f"OTLP endpoint {endpoint!r} is not [SCHEME://]HOST[:PORT]")
     host = match.group(1) or match.group(3)

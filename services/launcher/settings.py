@@ -35,6 +35,11 @@ class StackSettings(BaseSettings):
     models_dir: Path | None = Field(
         None, description="Models folder; `make up` uses the demo folder when unset."
     )
+    scrape_targets_file: Path | None = Field(
+        None,
+        validation_alias=AliasChoices("LMC_SUPERVISOR_SCRAPE_TARGETS_FILE"),
+        description="Where the Supervisor writes its Prometheus targets; default: <run_dir>/prometheus/llama-servers.json.",
+    )
     run_dir: Path = Field(REPO_ROOT / ".lmc" / "run", description="Rendered configs and Redis data.")
     envoy_template: Path = REPO_ROOT / "envoy.yaml"
     descriptor_set: Path = REPO_ROOT / "gen" / "lmcluster.pb"

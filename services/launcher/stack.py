@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from rich.console import Console
 
 from services.common import binaries
+from services.common.telemetry import TelemetrySettings
 from services.launcher import probes
 from services.launcher.envoy_config import render_envoy_config
 from services.launcher.process import ManagedProcess, ProcessSpec
@@ -66,6 +67,10 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
         **{f"LMC_{name.upper()}_PORT": address.rsplit(":", 1)[1] for name, address in addresses.items()},
         "LMC_REGISTRY_ADDRESS": addresses["registry"],
         "LMC_SUPERVISOR_PRELOAD": settings.preload,
+        # Prometheus file_sd targets of every llama-server (deploy/prometheus/prometheus.local.yml).
+        "LMC_SUPERVISOR_SCRAPE_TARGETS_FILE": str(
+            (settings.scrape_targets_file or settings.run_dir / "prometheus" / "llama-servers.json").resolve()
+        ),
         "LMC_ROUTER_REGISTRY_ADDRESS": addresses["registry"],
         "LMC_ROUTER_SUPERVISOR_ADDRESS": addresses["supervisor"],
         "LMC_ROUTER_EMBEDDING_ADDRESS": addresses["embedding"],
@@ -94,6 +99,8 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
         router_address=addresses["router"],
         descriptor_set=settings.descriptor_set,
         api_keys=[key for key in settings.api_keys.split(",") if key.strip()],
+        # Traces only when OTEL_EXPORTER_OTLP_ENDPOINT is set (the services read the same variables).
+        telemetry=TelemetrySettings(),
     )
     specs.append(
         ProcessSpec(
@@ -178,5 +185,6 @@ def _print_endpoints(settings: StackSettings) -> None:
         f"  Cache (gRPC)            127.0.0.1:{settings.cache_port}   (`lmcluster cache stats`)\n"
         f"  Envoy admin             http://127.0.0.1:{settings.envoy_admin_port}\n"
         f"  models folder           {settings.effective_models_dir()}\n"
-        "Press Ctrl-C to stop.\n"
+        "Press Ctrl-C to stop.\n",
+        soft_wrap=True,
     )

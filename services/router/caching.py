@@ -1,18 +1,18 @@
 """The Router's side of the semantic cache: look up before a generation, store after it.
 
-The exact lookup and the embedding of the final user message run at the same time; an exact hit
-cancels the embedding. The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
-broken cache is a miss, never a failed request. Stores run in the background after the client
-has its answer.
+The exact lookup comes first; only when it misses is the final user message embedded for the
+semantic lookup (repeats are mostly word for word, and an embedding per exact hit was the largest
+CPU cost of the hit path). The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
+broken cache is a miss, never a failed request; a slow one still gets the answer stored, since the
+vector is finished in the background. Stores run in the background after the client has its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import grpc
 from google.protobuf import duration_pb2
@@ -21,11 +21,14 @@ from lmcluster.cache.v1 import cache_pb2, cache_service_pb2, cache_service_pb2_g
 from lmcluster.embedding.v1 import embedding_service_pb2, embedding_service_pb2_grpc
 
 from services.common.cache_scope import CacheScope, cache_scope
+from services.router import observe
 from services.router.codec import GenerationRequest
 
 log = logging.getLogger(__name__)
 
 CacheStatus = Literal["hit", "miss", "bypass"]
+# How long a vector computed for the store (after the lookup's budget) may take.
+BACKGROUND_EMBED_TIMEOUT = 10.0
 
 
 @dataclass
@@ -37,6 +40,8 @@ class CacheDecision:
     entry: cache_pb2.CacheEntry | None = None
     embedding: list[float] = field(default_factory=list)
     store: bool = False
+    # The vector of a miss whose lookup ran out of time, still being computed; the store awaits it.
+    pending_embedding: asyncio.Task[list[float]] | None = None
 
     def parse(self, message_type: type[Message]) -> Message | None:
         """The stored answer as `message_type`, or None if it is of another type or unreadable."""
@@ -63,53 +68,82 @@ class AnswerCache:
         self._cache = cache
         self._enabled = enabled
         self._timeout = timeout
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def lookup(self, request: GenerationRequest, model: str) -> CacheDecision:
+        """Exact, then semantic lookup (or a bypass), in the `cache lookup` span."""
+        with observe.start_cache_lookup() as span:
+            decision = await self._decide(request, model)
+            observe.record_cache_decision(span, decision)
+            return decision
+
+    async def _decide(self, request: GenerationRequest, model: str) -> CacheDecision:
         options = request.cache
         scope = cache_scope(request, model=model)
         store = self._enabled and scope.cacheable and not options.skip_store
         if not self._enabled or not scope.cacheable or options.skip_lookup:
-            decision = CacheDecision("bypass", scope=scope, store=store)
-            if store:
-                decision.embedding = await self._embed(scope.prompt)
-            return decision
+            # The request does not wait for the vector; only the store after the answer does.
+            return CacheDecision(
+                "bypass", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt) if store else None
+            )
         threshold = options.threshold if options.HasField("threshold") else None
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await self._lookup(scope, threshold, store)
-        except (TimeoutError, grpc.aio.AioRpcError) as error:
-            log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
-            return CacheDecision("miss", scope=scope, store=False)
+        return await self._lookup(scope, threshold, store)
 
     async def _lookup(self, scope: CacheScope, threshold: float | None, store: bool) -> CacheDecision:
-        embedding_task = asyncio.create_task(self._embed(scope.prompt))
-        try:
-            exact = await self._cache.Lookup(cache_service_pb2.LookupRequest(scope=scope.scope, exact_key=scope.exact_key))
-            if exact.hit:
-                return CacheDecision("hit", scope=scope, kind="exact", similarity=1.0, entry=exact.entry)
-            vector = await embedding_task
-            if not vector:
-                return CacheDecision("miss", scope=scope, store=False)
-            request = cache_service_pb2.LookupRequest(
-                scope=scope.scope, embedding=vector, exact_key=scope.exact_key, prompt=scope.prompt
-            )
-            if threshold is not None:
-                request.threshold = threshold
-            semantic = await self._cache.Lookup(request)
-            if semantic.hit:
-                kind = "exact" if semantic.kind == cache_pb2.HIT_KIND_EXACT else "semantic"
-                return CacheDecision("hit", scope=scope, kind=kind, similarity=semantic.similarity, entry=semantic.entry)
-            return CacheDecision("miss", scope=scope, embedding=vector, store=store)
-        finally:
-            if not embedding_task.done():
-                embedding_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await embedding_task
+        """Exact first (no embedding needed: most repeats are word for word), then semantic.
 
-    async def _embed(self, text: str) -> list[float]:
+        The whole lookup has `timeout` seconds. Past it the request is a miss, but the embedding
+        goes on in the background and the answer is still stored: under load, when lookups are
+        slow, is when the cache is needed most.
+        """
+        deadline = asyncio.get_running_loop().time() + self._timeout
         try:
-            reply = await self._embedding.Embed(embedding_service_pb2.EmbedRequest(texts=[text]), timeout=self._timeout)
+            async with asyncio.timeout_at(deadline):
+                exact = await self._cache.Lookup(
+                    cache_service_pb2.LookupRequest(scope=scope.scope, exact_key=scope.exact_key)
+                )
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
+            return CacheDecision("miss", scope=scope, store=False)
+        except TimeoutError:
+            log.warning("cache lookup took over %.2f s; treating it as a miss", self._timeout)
+            return CacheDecision("miss", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt))
+        if exact.hit:
+            return CacheDecision("hit", scope=scope, kind="exact", similarity=1.0, entry=exact.entry)
+        embedding = self._embed_later(scope.prompt)
+        try:
+            async with asyncio.timeout_at(deadline):
+                vector = await asyncio.shield(embedding)
+                if not vector:
+                    return CacheDecision("miss", scope=scope, store=False)
+                request = cache_service_pb2.LookupRequest(
+                    scope=scope.scope, embedding=vector, exact_key=scope.exact_key, prompt=scope.prompt
+                )
+                if threshold is not None:
+                    request.threshold = threshold
+                semantic = await self._cache.Lookup(request)
+        except grpc.aio.AioRpcError as error:
+            log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
+            return CacheDecision("miss", scope=scope, store=False)
+        except TimeoutError:
+            log.warning("cache lookup took over %.2f s; treating it as a miss", self._timeout)
+            return CacheDecision("miss", scope=scope, store=store, pending_embedding=embedding)
+        observe.record_cache_reply(semantic)
+        if semantic.hit:
+            kind = "exact" if semantic.kind == cache_pb2.HIT_KIND_EXACT else "semantic"
+            return CacheDecision("hit", scope=scope, kind=kind, similarity=semantic.similarity, entry=semantic.entry)
+        return CacheDecision("miss", scope=scope, embedding=vector, store=store)
+
+    def _embed_later(self, text: str) -> asyncio.Task[list[float]]:
+        """The prompt's vector, computed in a task of its own that outlives the lookup's budget."""
+        task = asyncio.create_task(self._embed(text, BACKGROUND_EMBED_TIMEOUT))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _embed(self, text: str, timeout: float) -> list[float]:
+        try:
+            reply = await self._embedding.Embed(embedding_service_pb2.EmbedRequest(texts=[text]), timeout=timeout)
         except grpc.aio.AioRpcError as error:
             log.warning("embedding failed (%s); the semantic cache is skipped", error.code().name)
             return []
@@ -117,11 +151,12 @@ class AnswerCache:
 
     def store_later(self, decision: CacheDecision, response: Message, model_id: str, ttl_seconds: int | None) -> None:
         """Stores the answer in the background; failures are logged, never raised."""
-        if not decision.store or decision.scope is None or not decision.embedding:
+        if not decision.store or decision.scope is None:
+            return
+        if not decision.embedding and decision.pending_embedding is None:
             return
         request = cache_service_pb2.StoreRequest(
             scope=decision.scope.scope,
-            embedding=decision.embedding,
             exact_key=decision.scope.exact_key,
             prompt=decision.scope.prompt,
             response=response.SerializeToString(),
@@ -130,11 +165,21 @@ class AnswerCache:
         )
         if ttl_seconds:
             request.ttl.CopyFrom(duration_pb2.Duration(seconds=ttl_seconds))
-        task = asyncio.create_task(self._store(request))
+        task = asyncio.create_task(self._store(request, decision.embedding, decision.pending_embedding))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _store(self, request: cache_service_pb2.StoreRequest) -> None:
+    async def _store(
+        self,
+        request: cache_service_pb2.StoreRequest,
+        vector: list[float],
+        pending: asyncio.Task[list[float]] | None,
+    ) -> None:
+        if not vector and pending is not None:
+            vector = await pending
+        if not vector:
+            return
+        request.embedding.extend(vector)
         try:
             reply = await self._cache.Store(request, timeout=5.0)
             if not reply.stored:

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from services.common import telemetry
 from services.router.errors import (
     BackendTimeout,
     BackendUnavailable,
@@ -33,8 +34,12 @@ class LlamaClient:
         self._client = httpx.AsyncClient(
             # Reads are bounded per event below (first token, then the gap between tokens).
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=connect_timeout),
-            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256),
+            # llama-server closes a keep-alive connection after 5 s idle; reusing one at that moment
+            # fails the request ("Server disconnected without sending a response"). Drop them first.
+            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=2.0),
         )
+        # A CLIENT span per call to llama-server, carrying `traceparent`, while tracing is on.
+        telemetry.instrument_httpx_client(self._client)
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -23,3 +23,20 @@ RETRIES = Counter("lmc_router_backend_retries_total", "Generations retried on an
 VARIANT_CHOICE = Counter(
     "lmc_router_variant_requests_total", "Requests by the model variant that served them.", ["route", "model"]
 )
+TOKENS_PER_SECOND = Histogram(
+    "lmc_router_generation_tokens_per_second",
+    "Decode speed of one generation (completion tokens per second after the first), by model.",
+    ["model"],
+    buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000),
+)
+BACKEND_TIME_TO_FIRST_TOKEN = Histogram(
+    "lmc_router_backend_time_to_first_token_seconds",
+    "From sending a generation to llama-server to its first token (prompt processing and slot wait).",
+    ["model"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+BACKEND_OUTSTANDING = Gauge(
+    "lmc_router_backend_outstanding_requests",
+    "Generations the Router has running on each backend (its busy slots as the Router sees them).",
+    ["backend", "model"],
+)

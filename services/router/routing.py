@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from lmcluster.supervisor.v1 import supervisor_pb2, supervisor_service_pb2
 
+from services.router import metrics
 from services.router.errors import Overloaded
 
 READY = supervisor_pb2.BACKEND_STATE_READY
@@ -153,7 +154,10 @@ class RoutingTable:
             try:
                 async with asyncio.timeout(self._queue_timeout):
                     while (load := self._pick(model_ids, exclude)) is None:
-                        await self._changed.wait()
+                        # A backend skipped after a failure comes back when its pause ends, which
+                        # no watch event or released lease announces: wake up then, too.
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), self._until_avoid_ends(model_ids))
             except TimeoutError:
                 raise Overloaded(
                     f"No slot of `{model_ids[0]}` became free within {self._queue_timeout:.0f} s. Retry later.",
@@ -162,12 +166,26 @@ class RoutingTable:
             finally:
                 self._waiting[route] -= 1
         load.outstanding += 1
+        busy = metrics.BACKEND_OUTSTANDING.labels(load.backend.id, load.backend.model_id)
+        busy.set(load.outstanding)
         lease = Lease(load, load.backend.model_id, waited_seconds=time.monotonic() - started)
         try:
             yield lease
         finally:
             load.outstanding -= 1
+            busy.set(load.outstanding)
             self._notify()
+
+    def _until_avoid_ends(self, model_ids: tuple[str, ...]) -> float | None:
+        """Seconds until the first paused backend of `model_ids` may be used again (None: none paused)."""
+        now = time.monotonic()
+        pauses = [
+            load.avoid_until - now
+            for m in model_ids
+            for load in self.backends_of(m)
+            if load.backend.state == READY and load.avoid_until > now
+        ]
+        return max(0.01, min(pauses)) if pauses else None
 
     def _slots(self, model_ids: tuple[str, ...]) -> int:
         return sum(load.capacity for m in model_ids for load in self.backends_of(m) if load.usable)

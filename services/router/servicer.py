@@ -27,7 +27,7 @@ from lmcluster.router.v1 import router_service_pb2, router_service_pb2_grpc
 from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_pb2_grpc
 
 from services.common import gateway
-from services.router import assembly, codec, metrics
+from services.router import assembly, codec, metrics, observe
 from services.router.caching import AnswerCache, CacheDecision
 from services.router.catalog import ModelCatalog, ModelRoute
 from services.router.errors import (
@@ -46,6 +46,8 @@ from services.router.settings import RouterSettings
 log = logging.getLogger(__name__)
 
 MAX_EMBEDDING_INPUTS = 256
+# Initial metadata beside x-lmc-cache on a hit: "exact" or "semantic" (a header for REST clients).
+CACHE_KIND_HEADER = "x-lmc-cache-kind"
 
 
 @dataclass(frozen=True)
@@ -260,11 +262,13 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 await _abort(context, error)
             # Tokens already went out: end the stream with an error event, never a silent cut.
             broken = error if isinstance(error, StreamBroken) else StreamBroken(error.message)
-            yield api.chunk_type(object=api.chunk_object, error=_error_detail(broken))
+            yield gateway.error_chunk(
+                api.chunk_type, broken.message, type=broken.error_type, code=broken.error_code, param=broken.param
+            )
         finally:
             metrics.REQUESTS.labels(api.name, cache_label, result).inc()
         if rest:
-            yield api.chunk_type(object=gateway.STREAM_DONE_SENTINEL)
+            yield gateway.stream_end(api.chunk_type)
 
     def _after_generation(
         self,
@@ -299,12 +303,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         tried: set[str] = set()
         attempts = 0
         while True:
+            # The `backend choice` span: from here (cold start and queue wait included) to a held slot.
+            choosing, depth = time.time_ns(), self._table.queue_depth()
             if not self._table.has_ready(route.variant_ids):
                 await self._ensure_backend(route)
             metrics.QUEUE_DEPTH.set(self._table.queue_depth() + 1)
             try:
                 async with self._table.lease(route.variant_ids, exclude=frozenset(tried)) as lease:
                     metrics.QUEUE_DEPTH.set(self._table.queue_depth())
+                    observe.record_backend_choice(choosing, route, lease, depth)
                     generation.model_id = lease.model_id
                     generation.backend_id = lease.load.backend.id
                     metrics.VARIANT_CHOICE.labels(route.requested, lease.model_id).inc()
@@ -314,7 +321,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     )
                     received = False
                     try:
-                        async for event in self._llama.stream(lease.endpoint, api.path, body):
+                        events = self._llama.stream(lease.endpoint, api.path, body)
+                        async for event in observe.traced_generation(api.name, lease, body, events):
                             received = True
                             yield event
                         return
@@ -361,7 +369,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
 def _cache_metadata(decision: CacheDecision) -> tuple[tuple[str, str], ...]:
     metadata = [(gateway.CACHE_HEADER, decision.status)]
     if decision.status == "hit":
-        metadata.append((gateway.CACHE_KIND_HEADER, decision.kind))
+        metadata.append((CACHE_KIND_HEADER, decision.kind))
         if decision.kind == "semantic":
             metadata.append((gateway.SIMILARITY_HEADER, f"{decision.similarity:.4f}"))
     return tuple(metadata)
@@ -373,10 +381,6 @@ def _fresh(message: Message) -> Message:
     message.id = f"{prefix}-{secrets.token_hex(12)}"  # type: ignore[attr-defined]
     message.created = int(time.time())  # type: ignore[attr-defined]
     return message
-
-
-def _error_detail(error: RouterError) -> pb.ErrorDetail:
-    return pb.ErrorDetail(message=error.message, type=error.error_type, code=error.error_code, param=error.param or "")
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:

@@ -100,6 +100,25 @@ def parse_prometheus(text: str) -> dict[str, float]:
     return values
 
 
+def kv_cache_usage(slots: list[dict[str, object]]) -> float:
+    """Share of all slots' context that holds tokens: prompt plus generated tokens of each slot
+    that has served a request (an idle slot keeps its tokens cached for the next prompt)."""
+    capacity = used = 0
+    for slot in slots:
+        n_ctx = slot.get("n_ctx")
+        if not isinstance(n_ctx, int) or n_ctx <= 0:
+            continue
+        capacity += n_ctx
+        tokens = slot.get("n_prompt_tokens")
+        decoded = 0
+        for item in slot.get("next_token") or []:  # type: ignore[attr-defined]
+            if isinstance(item, dict) and isinstance(item.get("n_decoded"), int):
+                decoded = max(decoded, item["n_decoded"])
+        if isinstance(tokens, int):
+            used += min(n_ctx, tokens + decoded)
+    return used / capacity if capacity else 0.0
+
+
 def memory_estimate(model: registry_pb2.Model, settings: SupervisorSettings) -> MemoryEstimate:
     """What a backend of `model` started with `settings` is expected to use."""
     plan = build_command("llama-server", model, settings, 0)
@@ -153,6 +172,9 @@ class Backend:
         self.slots_busy = 0
         self.slots_total = settings.parallel
         self.context_per_slot = 0
+        # Share of the KV cache (all slots' context) holding tokens, from /slots (llama-server's
+        # /metrics no longer has it).
+        self.kv_cache_usage = 0.0
         self.plan: LaunchPlan | None = None
         self.started_at = 0.0
         self.ready_at = 0.0
@@ -409,6 +431,8 @@ class Backend:
         if not isinstance(slots, list) or not slots:
             return
         busy = sum(1 for slot in slots if slot.get("is_processing"))
+        self.kv_cache_usage = kv_cache_usage(slots)
+        metrics.KV_CACHE_USAGE.labels(self.id, self.model.id).set(self.kv_cache_usage)
         changed = busy != self.slots_busy or len(slots) != self.slots_total
         self.slots_total = len(slots)
         self.context_per_slot = int(slots[0].get("n_ctx", 0)) or self.context_per_slot

@@ -28,6 +28,21 @@ START_SECONDS = Histogram(
 )
 MEMORY_BUDGET = Gauge("lmc_supervisor_memory_budget_bytes", "Memory budget for all backends.")
 MEMORY_USED = Gauge("lmc_supervisor_memory_used_bytes", "Sum of the estimates of live backends.")
+SLOTS = Gauge(
+    "lmc_supervisor_backend_slots",
+    "Parallel slots of each live backend (llama-server --parallel).",
+    ["backend", "model"],
+)
+SLOTS_BUSY = Gauge(
+    "lmc_supervisor_backend_slots_busy",
+    "Slots processing a request right now, per live backend.",
+    ["backend", "model"],
+)
+KV_CACHE_USAGE = Gauge(
+    "lmc_supervisor_backend_kv_cache_usage_ratio",
+    "Share of a backend's KV cache (all slots' context) holding tokens, from llama-server's /slots.",
+    ["backend", "model"],
+)
 BACKEND_INFO = Gauge(
     "lmc_supervisor_backend_info",
     "One series per live backend (value 1); metrics_url is its llama-server /metrics for scraping.",
@@ -55,8 +70,14 @@ def publish(backends: Iterable[Backend], budget: int, used: int, targets_file: P
     MEMORY_BUDGET.set(budget)
     MEMORY_USED.set(used)
     BACKEND_INFO.clear()
+    SLOTS.clear()
+    SLOTS_BUSY.clear()
+    KV_CACHE_USAGE.clear()
     scrapable = [backend for backend in backends if backend.live and backend.port]
     for backend in scrapable:
+        SLOTS.labels(backend.id, backend.model.id).set(backend.slots_total)
+        SLOTS_BUSY.labels(backend.id, backend.model.id).set(backend.slots_busy)
+        KV_CACHE_USAGE.labels(backend.id, backend.model.id).set(backend.kv_cache_usage)
         BACKEND_INFO.labels(
             backend.id,
             backend.model.id,

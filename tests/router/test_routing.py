@@ -121,3 +121,13 @@ async def test_switched_event_moves_traffic_to_the_new_backend() -> None:
     )
     async with table.lease(("m",)) as lease:
         assert lease.load.backend.id == "new"
+
+
+async def test_a_waiter_gets_a_backend_back_when_its_pause_after_a_failure_ends() -> None:
+    # The only backend failed a request and is skipped for a moment; nothing else happens (no watch
+    # event, no released lease). The waiting request must still get it when the pause ends, not be
+    # refused when the queue timeout (much longer than the pause) passes.
+    table = table_with(backend("a", "m", slots=1), queue_timeout=5.0)
+    table.avoid("a", seconds=0.3)
+    async with table.lease(("m",)) as lease:
+        assert lease.load.backend.id == "a"

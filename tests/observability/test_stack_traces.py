@@ -1,0 +1,181 @@
+"""One REST request through the whole product is ONE trace, from Envoy to the llama-server call.
+
+`lmcluster up` runs with OTEL_EXPORTER_OTLP_ENDPOINT pointing at the test's OTLP receiver (what
+Jaeger's port 4317 would get). A chat completion is sent through Envoy with a client `traceparent`;
+the trace must then hold, with the right parents:
+
+    client span (the test's)
+    └─ Envoy ingress (SERVER) ─ Envoy → Router (CLIENT)
+       └─ Router RouterService/CreateChatCompletion (SERVER)
+          ├─ cache lookup ─┬─ Router → Embedding Embed (CLIENT) ─ Embedding Embed (SERVER)
+          │                └─ Router → Cache Lookup (CLIENT) ─ Cache Lookup (SERVER) ─ cache.lookup ─ Redis
+          ├─ backend choice
+          ├─ chat MODEL (GenAI attributes) ─ POST to llama-server (httpx CLIENT)
+          └─ Router → Cache Store (CLIENT) ─ Cache Store (SERVER) ─ Redis        (a miss only)
+
+On the same request again (a hit) the trace ends at the cache: no generation, no llama-server call.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from tests.fixtures.stack import DEMO_MODEL_ID, Stack
+from tests.observability.conftest import new_span_id, new_trace_id, traceparent
+from tests.observability.otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors, describe_tree
+
+pytestmark = pytest.mark.slow
+
+TRACE_WAIT = 30.0  # Envoy flushes its spans every 5 s
+ROUTER = "/lmcluster.router.v1.RouterService/CreateChatCompletion"
+EMBED = "/lmcluster.embedding.v1.EmbeddingService/Embed"
+LOOKUP = "/lmcluster.cache.v1.CacheService/Lookup"
+STORE = "/lmcluster.cache.v1.CacheService/Store"
+
+
+def _one(spans: list[ReceivedSpan], what: str, match: object) -> ReceivedSpan:
+    found = [span for span in spans if match(span)]  # type: ignore[operator]
+    assert len(found) == 1, f"expected one {what}, found {len(found)} in:\n{describe_tree(spans)}"
+    return found[0]
+
+
+def _named(service: str, kind: str, name: str) -> object:
+    return lambda s: s.service == service and s.kind == kind and s.name == name
+
+
+def _ask(stack: Stack, trace_id: str, client_span: str, question: str) -> httpx.Response:
+    body = {
+        "model": DEMO_MODEL_ID,
+        "messages": [{"role": "user", "content": question}],
+        "max_tokens": 8,
+        "temperature": 0,
+    }
+    headers = {"traceparent": traceparent(trace_id, client_span)}
+    reply = httpx.post(f"{stack.base_url}/chat/completions", json=body, headers=headers, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply
+
+
+def _complete(spans: list[ReceivedSpan], trace_id: str, client_span: str) -> bool:
+    """Every span of the trace has arrived with its parent (spans leave each process in batches)."""
+    trace = [s for s in spans if s.trace_id == trace_id]
+    ids = {s.span_id for s in trace} | {client_span}
+    return bool(trace) and all(s.parent_span_id in ids for s in trace)
+
+
+def _assert_one_tree(spans: list[ReceivedSpan], trace_id: str, client_span: str) -> ReceivedSpan:
+    """Every span of the trace hangs from Envoy's ingress span, which hangs from the client's span."""
+    tree = describe_tree(spans)
+    assert all(s.trace_id == trace_id for s in spans)
+    ingress = _one(spans, "Envoy ingress span", lambda s: s.parent_span_id == client_span)
+    assert (ingress.service, ingress.kind) == ("lmcluster-envoy", "SERVER"), tree
+    for span in spans:
+        if span is not ingress:
+            assert ingress in ancestors(span, spans), f"{span} is not beneath Envoy's span:\n{tree}"
+    return ingress
+
+
+def _assert_no_prompt(spans: list[ReceivedSpan], question: str) -> None:
+    for span in spans:
+        for key, value in span.attributes.items():
+            assert question not in str(value), f"prompt text in {span} attribute {key}"
+
+
+def test_a_miss_then_a_hit_are_each_one_trace_through_every_service(
+    traced_stack: Stack, stack_receiver: OtlpReceiver, unique: str
+) -> None:
+    question = f"Name a colour, {unique}."
+
+    # --- a miss -----------------------------------------------------------------------------------
+    miss_trace, miss_client = new_trace_id(), new_span_id()
+    reply = _ask(traced_stack, miss_trace, miss_client, question)
+    assert reply.headers["x-lmc-cache"] == "miss"
+    spans = stack_receiver.wait_for(
+        lambda spans: {"lmcluster-envoy", "lmcluster-router", "lmcluster-embedding", "lmcluster-cache"}
+        <= {s.service for s in spans if s.trace_id == miss_trace}
+        and any(s.trace_id == miss_trace and s.name == STORE and s.kind == "SERVER" for s in spans)
+        and _complete(spans, miss_trace, miss_client),
+        TRACE_WAIT,
+        "the miss's spans from Envoy, Router, Embedding and Cache (Store included)",
+    )
+    trace = [s for s in spans if s.trace_id == miss_trace]
+    tree = describe_tree(trace)
+    ingress = _assert_one_tree(trace, miss_trace, miss_client)
+
+    router = _one(trace, "Router server span", _named("lmcluster-router", "SERVER", ROUTER))
+    assert ingress in ancestors(router, trace)
+    assert ancestors(router, trace)[0].service == "lmcluster-envoy", tree  # Envoy's call to the Router
+
+    lookup = _one(trace, "cache lookup span", _named("lmcluster-router", "INTERNAL", "cache lookup"))
+    assert lookup.parent_span_id == router.span_id, tree
+    assert lookup.attributes["lmc.cache.status"] == "miss"
+    assert len(lookup.attributes["lmc.cache.scope_hash"]) == 64
+
+    embed_client = _one(trace, "Router's Embed call", _named("lmcluster-router", "CLIENT", EMBED))
+    embed_server = _one(trace, "Embedding's Embed span", _named("lmcluster-embedding", "SERVER", EMBED))
+    assert embed_client.parent_span_id == lookup.span_id and embed_server.parent_span_id == embed_client.span_id, tree
+
+    lookup_clients = [s for s in trace if s.service == "lmcluster-router" and s.kind == "CLIENT" and s.name == LOOKUP]
+    assert lookup_clients and all(s.parent_span_id == lookup.span_id for s in lookup_clients), tree
+    lookup_servers = [s for s in trace if s.service == "lmcluster-cache" and s.kind == "SERVER" and s.name == LOOKUP]
+    assert {s.parent_span_id for s in lookup_servers} == {s.span_id for s in lookup_clients}, tree
+    for server in lookup_servers:
+        cache_lookup = _one(trace, "cache.lookup span", lambda s, server=server: s.parent_span_id == server.span_id)
+        assert cache_lookup.name == "cache.lookup" and cache_lookup.attributes["lmc.cache.hit"] is False
+        assert any(s.kind == "CLIENT" and s.parent_span_id == cache_lookup.span_id for s in trace), tree  # Redis
+
+    choice = _one(trace, "backend choice span", _named("lmcluster-router", "INTERNAL", "backend choice"))
+    assert router in ancestors(choice, trace), tree
+    assert choice.attributes["lmc.backend.model"] == DEMO_MODEL_ID
+    assert choice.attributes["lmc.backend.variant"] == "Q4_1"
+    assert choice.attributes["lmc.backend.endpoint"].startswith("http://127.0.0.1:")
+    assert choice.attributes["lmc.queue.depth"] >= 0
+
+    generation = _one(trace, "generation span", _named("lmcluster-router", "CLIENT", f"chat {DEMO_MODEL_ID}"))
+    assert router in ancestors(generation, trace), tree
+    attributes = generation.attributes
+    assert attributes["gen_ai.operation.name"] == "chat"
+    assert attributes["gen_ai.request.model"] == DEMO_MODEL_ID
+    assert attributes["gen_ai.usage.input_tokens"] > 0
+    assert 0 < attributes["gen_ai.usage.output_tokens"] <= 8
+    assert 0 < attributes["gen_ai.response.time_to_first_chunk"] < generation.duration_s + 1e-3
+    assert attributes["gen_ai.request.max_tokens"] == 8
+
+    llama_call = _one(trace, "llama-server call", lambda s: s.kind == "CLIENT" and s.parent_span_id == generation.span_id)
+    url = str(llama_call.attributes.get("url.full") or llama_call.attributes.get("http.url"))
+    assert url == choice.attributes["lmc.backend.endpoint"] + "/v1/chat/completions", llama_call.attributes
+    assert llama_call.name.startswith("POST"), tree
+
+    store_server = _one(trace, "Cache Store span", _named("lmcluster-cache", "SERVER", STORE))
+    assert router in ancestors(store_server, trace), tree
+    _assert_no_prompt(trace, question)
+
+    # --- the same question again: a hit ---------------------------------------------------------
+    hit_trace, hit_client = new_trace_id(), new_span_id()
+    reply = _ask(traced_stack, hit_trace, hit_client, question)
+    assert reply.headers["x-lmc-cache"] == "hit"
+    spans = stack_receiver.wait_for(
+        lambda spans: any(
+            s.trace_id == hit_trace and s.name == "cache lookup" and s.service == "lmcluster-router" for s in spans
+        )
+        and _complete(spans, hit_trace, hit_client)
+        and any(s.trace_id == hit_trace and s.name == "cache.lookup" and s.attributes.get("lmc.cache.hit") for s in spans),
+        TRACE_WAIT,
+        "the hit's spans from Envoy, Router and Cache",
+    )
+    trace = [s for s in spans if s.trace_id == hit_trace]
+    tree = describe_tree(trace)
+    _assert_one_tree(trace, hit_trace, hit_client)
+    router = _one(trace, "Router server span", _named("lmcluster-router", "SERVER", ROUTER))
+    lookup = _one(trace, "cache lookup span", _named("lmcluster-router", "INTERNAL", "cache lookup"))
+    assert lookup.parent_span_id == router.span_id, tree
+    assert lookup.attributes["lmc.cache.status"] == "hit"
+    assert lookup.attributes["lmc.cache.kind"] == "exact"
+    assert lookup.attributes["lmc.cache.similarity"] == pytest.approx(1.0)
+    cache_hit = _one(trace, "the hit's cache.lookup", lambda s: s.name == "cache.lookup" and s.attributes["lmc.cache.hit"])
+    assert cache_hit.attributes["lmc.cache.kind"] == "exact"
+    assert router in ancestors(cache_hit, trace), tree
+    assert not [s for s in trace if s.name in ("backend choice", f"chat {DEMO_MODEL_ID}", STORE)], tree
+    assert not [s for s in trace if s.kind == "CLIENT" and s.name.startswith("POST")], tree
+    _assert_no_prompt(trace, question)
