@@ -324,8 +324,11 @@ vector = model.encode("lmcluster set-up check", normalize_embeddings=True)
 assert vector.shape == (384,), vector.shape
 print("all-MiniLM-L6-v2 loaded offline, 384 dimensions")
 '
+    # The ONNX Runtime export the Embedding service loads (float32 and int8), made once here so
+    # that the service starts without exporting; it is kept in the cache folder.
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 "$PY" -m services.embedding.export
     cp "$STAMP" "$stamp"
-    STEP_NOTE="loads offline"
+    STEP_NOTE="loads offline, ONNX export ready"
 }
 
 # --- run ---------------------------------------------------------------------------------------
