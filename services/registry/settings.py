@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import LogFormat, ServiceSettings, default_models_dir
+from services.common.settings import ServiceSettings, default_models_dir
 from services.registry.gguf_validation import KNOWN_ARCHITECTURES, ValidationLimits
 
 _LIMITS = ValidationLimits()
@@ -22,17 +22,6 @@ class RegistrySettings(ServiceSettings):
 
     port: int = Field(50055, ge=0, le=65535)
     metrics_port: int = Field(9155, ge=0, le=65535)
-    # The README documents LMC_LOG_LEVEL / LMC_LOG_FORMAT for every service; the prefixed names win.
-    log_level: str = Field(
-        "INFO",
-        validation_alias=AliasChoices("LMC_REGISTRY_LOG_LEVEL", "LMC_LOG_LEVEL"),
-        description="Python logging level name.",
-    )
-    log_format: LogFormat = Field(
-        "text",
-        validation_alias=AliasChoices("LMC_REGISTRY_LOG_FORMAT", "LMC_LOG_FORMAT"),
-        description="'text' for people, 'json' for log shippers.",
-    )
     models_dir: Path = Field(
         default_factory=default_models_dir,
         validation_alias="LMC_MODELS_DIR",

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, ByteSize, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from services.common.settings import LogFormat, ServiceSettings
+from services.common.settings import ServiceSettings
 
 # KV cache element types llama-server accepts for `--cache-type-k/-v`.
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
@@ -29,17 +29,6 @@ class SupervisorSettings(ServiceSettings):
 
     port: int = Field(50054, ge=0, le=65535)
     metrics_port: int = Field(9154, ge=0, le=65535)
-    # The shared LMC_LOG_* names apply to every service; the prefixed names win.
-    log_level: str = Field(
-        "INFO",
-        validation_alias=AliasChoices("LMC_SUPERVISOR_LOG_LEVEL", "LMC_LOG_LEVEL"),
-        description="Python logging level name.",
-    )
-    log_format: LogFormat = Field(
-        "text",
-        validation_alias=AliasChoices("LMC_SUPERVISOR_LOG_FORMAT", "LMC_LOG_FORMAT"),
-        description="'text' for people, 'json' for log shippers.",
-    )
 
     # --- where things are --------------------------------------------------------------------
     registry_address: str = Field(
