@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 
@@ -45,3 +46,29 @@ def test_tracing_is_off_without_an_endpoint(monkeypatch: pytest.MonkeyPatch) -> 
     assert configure_tracing("test") is None
     assert TelemetrySettings(exporter_otlp_endpoint="http://127.0.0.1:4317").enabled
     assert not TelemetrySettings(exporter_otlp_endpoint="http://127.0.0.1:4317", sdk_disabled=True).enabled
+
+
+SERVICE_SETTINGS = {
+    "ROUTER": "services.router.settings:RouterSettings",
+    "EMBEDDING": "services.embedding.settings:EmbeddingSettings",
+    "CACHE": "services.cache.settings:CacheSettings",
+    "SUPERVISOR": "services.supervisor.settings:SupervisorSettings",
+    "REGISTRY": "services.registry.settings:RegistrySettings",
+}
+
+
+@pytest.mark.parametrize("prefix", sorted(SERVICE_SETTINGS))
+def test_shared_log_settings_reach_every_service_and_its_own_win(
+    prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module, _, name = SERVICE_SETTINGS[prefix].partition(":")
+    settings_class = getattr(importlib.import_module(module), name)
+    monkeypatch.setenv("LMC_LOG_LEVEL", "DEBUG")
+    monkeypatch.setenv("LMC_LOG_FORMAT", "json")
+    # A shared name never leaks into a service's other fields (LMC_PORT is no service's port).
+    monkeypatch.setenv("LMC_PORT", "1")
+    settings = settings_class()
+    assert (settings.log_level, settings.log_format) == ("DEBUG", "json")
+    assert settings.port != 1
+    monkeypatch.setenv(f"LMC_{prefix}_LOG_LEVEL", "WARNING")
+    assert settings_class().log_level == "WARNING"
