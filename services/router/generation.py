@@ -51,25 +51,19 @@ class Generation:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def subscribe(self) -> AsyncIterator[dict[str, Any]]:
+    def join(self) -> Subscription:
+        """A new reader of this generation (it counts once it starts reading)."""
+        return Subscription(self)
+
+    def subscribe(self) -> AsyncIterator[dict[str, Any]]:
         """Every event from the first; raises the generation's error at the point it happened."""
-        self.subscribers += 1
-        index = 0
-        try:
-            while True:
-                while index < len(self.events):
-                    yield self.events[index]
-                    index += 1
-                if self.done:
-                    if self.error is not None:
-                        raise self.error
-                    return
-                await self._changed.wait()
-        finally:
-            self.subscribers -= 1
-            if self.subscribers == 0 and not self.done:
-                self.abandoned = True
-                self._task.cancel()
+        return self.join().events()
+
+    def _reader_left(self) -> None:
+        self.subscribers -= 1
+        if self.subscribers == 0 and not self.done:
+            self.abandoned = True
+            self._task.cancel()
 
     async def cancel(self) -> None:
         self._task.cancel()
@@ -77,6 +71,48 @@ class Generation:
             await self._task
         except asyncio.CancelledError:
             pass
+
+
+class Subscription:
+    """One reader of a Generation. `events()` reads it; `leave()` ends the reading from outside
+    (e.g. when the RPC is cancelled while its handler is not inside `events()`). The last reader
+    leaving cancels the backend request."""
+
+    def __init__(self, generation: Generation) -> None:
+        self._generation = generation
+        self._reading = False
+        self._left = False
+
+    def leave(self) -> None:
+        """Idempotent; a reader that has not started yet never will."""
+        if self._left:
+            return
+        self._left = True
+        if self._reading:
+            self._reading = False
+            self._generation._reader_left()
+
+    async def events(self) -> AsyncIterator[dict[str, Any]]:
+        generation = self._generation
+        if self._left:
+            return
+        self._reading = True
+        generation.subscribers += 1
+        index = 0
+        try:
+            while not self._left:
+                while index < len(generation.events):
+                    yield generation.events[index]
+                    index += 1
+                    if self._left:
+                        return
+                if generation.done:
+                    if generation.error is not None:
+                        raise generation.error
+                    return
+                await generation._changed.wait()
+        finally:
+            self.leave()
 
 
 class Coalescer:

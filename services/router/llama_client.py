@@ -57,8 +57,12 @@ class LlamaClient:
                 lines = response.aiter_lines()
                 wait = self._first_token_timeout
                 while True:
+                    # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives as
+                    # the line does (it returns the line instead), and a cancelled generation
+                    # (client gone, deadline passed) then streams on to max_tokens for nobody.
                     try:
-                        line = await asyncio.wait_for(anext(lines), wait)
+                        async with asyncio.timeout(wait):
+                            line = await anext(lines)
                     except StopAsyncIteration:
                         return
                     except TimeoutError:

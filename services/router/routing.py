@@ -156,8 +156,10 @@ class RoutingTable:
                     while (load := self._pick(model_ids, exclude)) is None:
                         # A backend skipped after a failure comes back when its pause ends, which
                         # no watch event or released lease announces: wake up then, too.
+                        # (asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation.)
                         with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._changed.wait(), self._until_avoid_ends(model_ids))
+                            async with asyncio.timeout(self._until_avoid_ends(model_ids)):
+                                await self._changed.wait()
             except TimeoutError:
                 raise Overloaded(
                     f"No slot of `{model_ids[0]}` became free within {self._queue_timeout:.0f} s. Retry later.",

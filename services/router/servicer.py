@@ -31,7 +31,7 @@ from services.router import assembly, codec, metrics, observe
 from services.router.caching import AnswerCache, CacheDecision
 from services.router.catalog import ModelCatalog, ModelRoute
 from services.router.errors import (
-    BackendUnavailable,
+    BackendTimeout,
     InvalidRequest,
     ModelNotFound,
     ModelUnavailable,
@@ -202,11 +202,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 generation = self._generation(api, request, prepared)
                 assembler = api.new_assembler()
                 first = True
-                async for event in generation.subscribe():
-                    if first:
-                        metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
-                        first = False
-                    assembler.add(event)
+                async with contextlib.aclosing(generation.subscribe()) as events:
+                    async for event in events:
+                        if first:
+                            metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
+                            first = False
+                        assembler.add(event)
                 response = assembler.response(generation.model_id)
                 await context.send_initial_metadata(_cache_metadata(prepared.decision))
                 self._after_generation(api, request, prepared, assembler, response, generation)
@@ -215,6 +216,13 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         except RouterError as error:
             result = error.error_code
             await _abort(context, error)
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:  # a bug: still OpenAI's error shape, and the trace in the log
+            log.exception("%s request failed", api.name)
+            result = "internal_error"
+            await _abort(context, _internal(error))
             raise
         finally:
             metrics.REQUESTS.labels(api.name, cache_label, result).inc()
@@ -241,26 +249,45 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                         prepared.decision.status = cache_label = "miss"
                     generation = self._generation(api, request, prepared)
                     assembler = api.new_assembler()
-                    async for event in generation.subscribe():
-                        assembler.add(event)
-                        chunk = api.chunk(event, generation.model_id)
-                        if not chunk.choices and not include_usage:
-                            continue  # the usage chunk we asked for, not the client
-                        if not sent_any:
-                            await context.send_initial_metadata(_cache_metadata(prepared.decision))
-                            metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
-                        sent_any = True
-                        yield chunk
+                    # A client that goes away (or whose deadline passes) while grpc.aio is sending
+                    # gets its handler cancelled in grpc's code, and grpc never closes a generator
+                    # handler: this one would stay suspended until the garbage collector found it,
+                    # the backend generating for nobody. The RPC's done callback ends the
+                    # subscription at once instead; the last subscriber leaving cancels the
+                    # llama-server request, which frees its slot.
+                    subscription = generation.join()
+                    _when_done(context, subscription.leave)
+                    async with contextlib.aclosing(subscription.events()) as events:
+                        async for event in events:
+                            assembler.add(event)
+                            chunk = api.chunk(event, generation.model_id)
+                            if not chunk.choices and not include_usage:
+                                continue  # the usage chunk we asked for, not the client
+                            if not sent_any:
+                                await context.send_initial_metadata(_cache_metadata(prepared.decision))
+                                metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(
+                                    time.perf_counter() - prepared.started
+                                )
+                            sent_any = True
+                            yield chunk
                     if not sent_any:
                         await context.send_initial_metadata(_cache_metadata(prepared.decision))
                     response = assembler.response(generation.model_id)
                     self._after_generation(api, request, prepared, assembler, response, generation)
                 result = "ok"
-        except RouterError as error:
+        except Exception as error:
+            if isinstance(error, grpc.aio.AbortError):
+                raise
+            if not isinstance(error, RouterError):  # a bug: still an error event, and the trace in the log
+                log.exception("%s stream failed", api.name)
+                error = _internal(error)
             result = error.error_code
-            if not sent_any:
+            if not sent_any or not rest:
+                # Native gRPC clients read the status, also after messages (a deadline is
+                # DEADLINE_EXCEEDED, not a message and OK); REST clients got theirs with the
+                # first message.
                 await _abort(context, error)
-            # Tokens already went out: end the stream with an error event, never a silent cut.
+            # REST, tokens already went out: end the stream with an error event, never a silent cut.
             broken = error if isinstance(error, StreamBroken) else StreamBroken(error.message)
             yield gateway.error_chunk(
                 api.chunk_type, broken.message, type=broken.error_type, code=broken.error_code, param=broken.param
@@ -383,6 +410,17 @@ def _fresh(message: Message) -> Message:
     return message
 
 
+def _when_done(context: grpc.aio.ServicerContext, callback: Callable[[], None]) -> None:
+    """Calls `callback` when the RPC ends, however it ends (cancelled by the client included)."""
+    add_done_callback = getattr(context, "add_done_callback", None)
+    if add_done_callback is not None:
+        add_done_callback(lambda _context: callback())
+
+
+def _internal(error: Exception) -> RouterError:
+    return RouterError(f"The Router failed unexpectedly ({type(error).__name__}); the error is in its log.")
+
+
 async def _abort(context: grpc.aio.ServicerContext, error: RouterError) -> None:
     await gateway.abort_with_openai_error(
         context,
@@ -411,7 +449,9 @@ async def _deadline(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         async with asyncio.timeout(remaining):
             yield
     except TimeoutError:
-        raise BackendUnavailable("the request's deadline passed before the answer was complete") from None
+        raise BackendTimeout(
+            "the request's deadline passed before the answer was complete", code="deadline_exceeded"
+        ) from None
 
 
 def _embedding_inputs(request: pb.CreateEmbeddingRequest) -> list[str]:

@@ -27,8 +27,10 @@ class RouterSettings(ServiceSettings):
     token_timeout_seconds: float = Field(60.0, gt=0, description="Longest silence between two tokens.")
     cold_start_timeout_seconds: float = Field(300.0, gt=0, description="EnsureBackend for a cold model.")
 
-    queue_limit: int = Field(64, ge=0, description="Requests that may wait for a free slot, per model.")
-    queue_timeout_seconds: float = Field(30.0, gt=0, description="Longest wait for a free slot.")
+    # A waiting request costs the Router almost nothing, and a client that waits is better served than
+    # one refused: 200 users on one small backend must all be answered (tests/bench/bench_stack.py).
+    queue_limit: int = Field(256, ge=0, description="Generations that may wait for a free slot, per model.")
+    queue_timeout_seconds: float = Field(120.0, gt=0, description="Longest wait for a free slot.")
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with 429 when the queue is full.")
     overflow_queue_threshold: int = Field(
         0, ge=0, description="Waiting requests on the best variant before requests overflow to a lighter one."

@@ -65,3 +65,35 @@ async def test_errors_reach_every_subscriber() -> None:
     except RuntimeError as error:
         assert "backend died" in str(error)
     assert seen == [{"n": 1}]
+
+
+async def test_leaving_from_outside_cancels_once_every_reader_left() -> None:
+    # What the Router's RPC done callback does when grpc cancels a handler that is suspended while
+    # sending (not inside the subscription): the reader's generator is never resumed or closed.
+    cancelled = asyncio.Event()
+
+    async def produce(generation: Generation) -> AsyncIterator[dict[str, Any]]:
+        try:
+            yield {"n": 1}
+            await asyncio.sleep(3600)
+        finally:
+            cancelled.set()
+
+    generation = Coalescer().join_or_start("k", produce)
+    first, second = generation.join(), generation.join()
+    first_events, second_events = first.events(), second.events()
+    assert await anext(first_events) == {"n": 1}
+    assert await anext(second_events) == {"n": 1}
+    assert generation.subscribers == 2
+    first.leave()
+    first.leave()  # idempotent
+    await asyncio.sleep(0.01)
+    assert generation.subscribers == 1 and not cancelled.is_set()
+    second.leave()
+    await asyncio.wait_for(cancelled.wait(), 5)
+    assert generation.abandoned
+    # A subscription left before it started reading never counts.
+    late = generation.join()
+    late.leave()
+    assert [event async for event in late.events()] == []
+    assert generation.subscribers == 0
