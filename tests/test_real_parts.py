@@ -26,6 +26,7 @@ from tests.fixtures.parts import (
     envoy_argv,
     envoy_for_router,
     free_port,
+    process_alive,
     running_part,
 )
 
@@ -59,15 +60,6 @@ def test_envoy_serves_healthz_with_the_rendered_config(tmp_path: Path) -> None:
     assert response.status_code == 200, response.text
 
 
-def _running(pid: int) -> bool:
-    """Whether pid is a live process (a zombie waiting for its reaper counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def test_a_stopped_part_leaves_no_process_behind(tmp_path: Path) -> None:
     # A part that ignores SIGTERM and has a child of its own: the stop must still end both.
     child_file = tmp_path / "child.pid"
@@ -75,9 +67,9 @@ def test_a_stopped_part_leaves_no_process_behind(tmp_path: Path) -> None:
     with running_part("stubborn", ["bash", "-c", script], tmp_path, stop_grace=0.5) as part:
         part.wait_until(lambda: child_file.read_text().strip().isdigit(), 10.0, "child pid")
         leader, child = part.process.pid, int(child_file.read_text())
-        assert _running(leader) and _running(child)
-    assert not _running(leader)
-    assert not _running(child)
+        assert process_alive(leader) and process_alive(child)
+    assert not process_alive(leader)
+    assert not process_alive(child)
 
 
 def test_redis_stack_answers_a_knn_query_on_an_hnsw_cosine_index(redis_stack: str) -> None:

@@ -8,17 +8,9 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common.console import table_console
+from services.common.units import human_bytes
 
 _TIMEOUT_SECONDS = 15.0
-
-
-def _human_bytes(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def _report_error(error: grpc.RpcError, address: str, errors: Console) -> int:
@@ -47,7 +39,7 @@ def stats_table(stats: cache_service_pb2.GetStatsResponse) -> Table:
         ("Redis", redis),
         ("index", stats.index_name),
         ("entries", str(stats.entries)),
-        ("index memory", _human_bytes(stats.index_memory_bytes)),
+        ("index memory", human_bytes(stats.index_memory_bytes)),
         ("threshold", f"{stats.threshold:.3f}"),
         ("lookups", str(lookups)),
         ("  exact hits", str(stats.exact_hits)),

@@ -30,6 +30,7 @@ from pathlib import Path
 from google.protobuf.timestamp_pb2 import Timestamp
 from lmcluster.registry.v1 import registry_pb2, registry_service_pb2
 
+from services.common.units import human_bytes
 from services.registry import metrics
 from services.registry.discovery import (
     EntryKind,
@@ -350,7 +351,7 @@ class ModelCatalog:
         if record.checked != found.signature or record.check is None:
             # No clock in the reason: it changes only when the file does, and so do the events.
             reason = (
-                f"still being written ({_human_size(found.size)} so far); "
+                f"still being written ({human_bytes(found.size)} so far); "
                 f"validated once it has not changed for {self.settings.settle_seconds:g} s"
             )
             return replace(base, reason=reason)
@@ -466,15 +467,6 @@ def _relative(root: Path, path: Path) -> Path | None:
         return path.relative_to(root)
     except ValueError:
         return None
-
-
-def _human_size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
 
 
 def _log_event(event_type: int, model: registry_pb2.Model) -> None:

@@ -36,6 +36,8 @@ from typing import Any
 
 import gguf
 
+from services.common.units import human_bytes
+
 GGUF_MAGIC_BYTES = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 GGML_MAX_DIMS = 4
@@ -223,12 +225,7 @@ _UINT32_MAX = 2**32 - 1
 
 
 def _human(n: int) -> str:
-    value = float(n)
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1024 or unit == "TiB":
-            return f"{n} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} bytes"
+    return f"{n} bytes" if n < 1024 else human_bytes(n)
 
 
 class _Cursor:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from lmcluster.registry.v1 import registry_pb2
 
+from services.common.units import human_bytes
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -142,12 +144,3 @@ def plan_room(needed: int, budget: int, residents: Iterable[Resident], *, what: 
             ever=True,
         )
     return evict
-
-
-def human_bytes(count: int | float) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"

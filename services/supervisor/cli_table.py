@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.common.console import table_console
-from services.supervisor.capacity import human_bytes
+from services.common.units import human_bytes
 
 _STATE_STYLE = {
     supervisor_pb2.BACKEND_STATE_STARTING: "yellow",

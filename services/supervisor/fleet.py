@@ -25,6 +25,7 @@ from lmcluster.registry.v1 import registry_pb2, registry_service_pb2, registry_s
 from lmcluster.supervisor.v1 import supervisor_pb2, supervisor_service_pb2
 from tenacity import AsyncRetrying, retry_if_exception_type, wait_exponential_jitter
 
+from services.common.units import human_bytes
 from services.supervisor import metrics
 from services.supervisor.backend import (
     DRAINING,
@@ -41,7 +42,6 @@ from services.supervisor.capacity import (
     DoesNotFit,
     Resident,
     default_budget,
-    human_bytes,
     mem_total_bytes,
     plan_room,
 )

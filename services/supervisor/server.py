@@ -12,7 +12,7 @@ from lmcluster.supervisor.v1 import supervisor_service_pb2_grpc as pb_grpc
 
 from services.common import binaries
 from services.common.server import ServiceHost, run_service
-from services.supervisor.capacity import human_bytes
+from services.common.units import human_bytes
 from services.supervisor.fleet import Fleet
 from services.supervisor.servicer import SERVICE_NAME, SupervisorServicer
 from services.supervisor.settings import SupervisorSettings

@@ -31,6 +31,7 @@ from lmcluster.registry.v1 import registry_pb2
 from lmcluster.supervisor.v1 import supervisor_pb2
 from lmcluster.supervisor.v1 import supervisor_service_pb2 as pb
 
+from services.common import binaries
 from services.registry.server import running_registry
 from tests.supervisor.support import (
     DEMO_ALIAS,
@@ -161,8 +162,6 @@ async def measure(models_dir: Path, demo_model: Path, scratch: Path) -> dict[str
 
 
 def test_supervisor_benchmark(tmp_path: Path) -> None:
-    from services.common import binaries
-
     demo_model = binaries.demo_model_path()
     models_dir = tmp_path / "models"
     place_model(models_dir, DEMO_RELATIVE, demo_model, copy=True)

@@ -13,32 +13,23 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.parts import process_alive, process_table
 from tests.fixtures.stack import running_stack
-from tests.supervisor.support import process_alive
 
 STOP_TIMEOUT = 60.0
 
 
 def descendants(root: int) -> dict[int, str]:
     """Every process below `root` (children, grandchildren, ...) with its command name."""
+    table = process_table()
     children: dict[int, list[int]] = {}
-    names: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        pid = int(entry.name)
-        names[pid] = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        children.setdefault(ppid, []).append(pid)
+    for pid, info in table.items():
+        children.setdefault(info.ppid, []).append(pid)
     found: dict[int, str] = {}
     todo = list(children.get(root, []))
     while todo:
         pid = todo.pop()
-        found[pid] = names[pid]
+        found[pid] = table[pid].name
         todo.extend(children.get(pid, []))
     return found
 

@@ -19,6 +19,7 @@ from lmcluster.supervisor.v1 import supervisor_service_pb2_grpc as pb_grpc
 from services.registry.settings import RegistrySettings
 from services.supervisor.server import RunningSupervisor, running_supervisor
 from services.supervisor.settings import SupervisorSettings
+from tests.fixtures.parts import process_table
 
 DEMO_RELATIVE = Path("HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/SmolLM2-135M-Instruct.Q4_1.gguf")
 DEMO_ALIAS = "smollm2-135m-instruct-q4_1"
@@ -40,29 +41,7 @@ TEST_PORTS = (28100, 28299)
 def llama_server_children(parent: int | None = None) -> set[int]:
     """pids of llama-server processes whose parent is `parent` (this process by default)."""
     parent = os.getpid() if parent is None else parent
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...; comm may hold spaces, so split after the last ')'.
-        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
-        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if comm.startswith("llama-server") and ppid == parent:
-            found.add(int(entry.name))
-    return found
-
-
-def process_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+    return {pid for pid, info in process_table().items() if info.name.startswith("llama-server") and info.ppid == parent}
 
 
 # --- waiting ------------------------------------------------------------------------------------

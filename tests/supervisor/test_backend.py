@@ -19,7 +19,8 @@ from services.common import binaries
 from services.registry.server import RunningRegistry
 from services.supervisor.backend import DRAINING, FAILED, READY, STARTING, STOPPED, Backend, error_tail, restart_delay
 from services.supervisor.ports import PortPool
-from tests.supervisor.support import DEMO_ALIAS, TEST_PORTS, process_alive, supervisor_settings, wait_until
+from tests.fixtures.parts import process_alive
+from tests.supervisor.support import DEMO_ALIAS, TEST_PORTS, supervisor_settings, wait_until
 
 
 async def registry_model(registry: RunningRegistry, name: str = DEMO_ALIAS) -> registry_pb2.Model:

@@ -15,7 +15,7 @@ from lmcluster.supervisor.v1 import supervisor_pb2
 from lmcluster.supervisor.v1 import supervisor_service_pb2 as pb
 
 from services.registry.server import RunningRegistry, running_registry
-from tests.fixtures.parts import free_port, running_part
+from tests.fixtures.parts import free_port, process_alive, running_part
 from tests.supervisor.support import (
     DEMO_ALIAS,
     OTHER_ALIAS,
@@ -23,7 +23,6 @@ from tests.supervisor.support import (
     TEST_PORTS,
     list_backends,
     llama_server_children,
-    process_alive,
     registry_settings,
     started_supervisor,
     wait_until,
