@@ -1,4 +1,4 @@
-"""`lmcluster cache stats` and `lmcluster cache clear [--scope]`: the Cache's counters, and invalidation."""
+"""`lmcluster cache stats`, `cache clear [--scope]` and `cache forget ENTRY`: counters and invalidation."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def stats_table(stats: cache_service_pb2.GetStatsResponse) -> Table:
     ]
     rows += [(f"  {reason.lower()}", str(n)) for reason, n in sorted(stats.rejected_by_reason.items())]
     rows += [("stores", str(stats.stores)), ("stores dropped", str(stats.stores_dropped))]
+    rows += [("wrong answers reported", str(stats.wrong_answers_reported))]
     for what, value in rows:
         table.add_row(what, value)
     return table
@@ -89,4 +90,21 @@ def clear_cache(address: str, scope: str | None, *, console: Console | None = No
         return _report_error(error, address, errors)
     what = f"of scope {scope}" if scope else "in all scopes"
     console.print(f"removed {reply.removed} cache entries {what}", highlight=False)
+    return 0
+
+
+def forget_entry(address: str, entry: str, *, console: Console | None = None) -> int:
+    """Removes one entry reported wrong; exit code 0 if removed, 1 if unknown or unreachable."""
+    errors = console or Console(stderr=True)
+    console = console or table_console()
+    request = cache_service_pb2.InvalidateRequest(entry_id=entry.strip().lower(), reported_wrong=True)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            reply = cache_service_pb2_grpc.CacheServiceStub(channel).Invalidate(request, timeout=_TIMEOUT_SECONDS)
+    except grpc.RpcError as error:
+        return _report_error(error, address, errors)
+    if not reply.removed:
+        errors.print(f"[red]no cache entry {entry}[/red] (it may have expired)", highlight=False)
+        return 1
+    console.print(f"forgot cache entry {request.entry_id}", highlight=False)
     return 0

@@ -47,6 +47,9 @@ HIT_RATIO = Gauge(
 REJECTED = PromCounter(
     "lmc_cache_rejected_candidates_total", "Candidates refused by verification.", ["reason"]
 )
+WRONG_REPORTED = PromCounter(
+    "lmc_cache_wrong_answers_reported_total", "Cached answers removed because a client reported them wrong."
+)
 STORES = PromCounter("lmc_cache_stores_total", "Store requests by outcome.", ["outcome"])
 REDIS_UP = Gauge("lmc_cache_redis_available", "1 while the cache's circuit to Redis is closed.")
 
@@ -79,6 +82,7 @@ class CacheCounters:
     degraded_lookups: int = 0
     stores: int = 0
     stores_dropped: int = 0
+    wrong_answers_reported: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -258,9 +262,10 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 response = await self._lookup(request, vector, threshold, deadline)
             except CacheUnavailable as error:
                 log.debug("lookup degraded: %s", error)
-                self.counters.misses += 1
-                self.counters.degraded_lookups += 1
-                LOOKUPS.labels("degraded").inc()
+                if not request.semantic_follows:
+                    self.counters.misses += 1
+                    self.counters.degraded_lookups += 1
+                    LOOKUPS.labels("degraded").inc()
                 REDIS_UP.set(1 if self.store.available else 0)
                 response = cache_service_pb2.LookupResponse(hit=False, degraded=True)
             if span.is_recording():
@@ -313,8 +318,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                     hit=True, kind=cache_pb2.HIT_KIND_SEMANTIC, entry=entry_message(entry),
                     similarity=min(candidate.similarity, 1.0), age=_age(entry), rejected=rejected,
                 )  # fmt: skip
-        self.counters.misses += 1
-        LOOKUPS.labels("miss").inc()
+        if not request.semantic_follows:  # else the follow-up lookup counts this request
+            self.counters.misses += 1
+            LOOKUPS.labels("miss").inc()
         return cache_service_pb2.LookupResponse(hit=False, rejected=rejected)
 
     def _refusal(self, prompt: str, candidate: Candidate) -> cache_pb2.RejectedCandidate | None:
@@ -323,7 +329,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         verdict = verify(prompt, candidate.prompt)
         if verdict.accepted:
             return None
-        reason = verdict.reason or Reason.OTHER
+        reason = verdict.reason or Reason.UNEXPLAINED
         name = _REASON_NAMES[reason]
         self.counters.rejected[name] += 1
         REJECTED.labels(name).inc()
@@ -396,6 +402,9 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                         f"entry_id {request.entry_id[:80]!r} is not an entry id (lowercase hex)"
                     )
                 removed = await self.store.delete_entry(request.entry_id)
+                if removed and request.reported_wrong:
+                    self.counters.wrong_answers_reported += removed
+                    WRONG_REPORTED.inc(removed)
             elif target == "all":
                 if not request.all:
                     raise InvalidRequest("all must be true to remove every entry")
@@ -436,4 +445,5 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             redis_available=available,
             index_name=self.store.layout.name,
             threshold=self.settings.threshold,
+            wrong_answers_reported=counters.wrong_answers_reported,
         )

@@ -24,7 +24,7 @@ SERVICE_ENTRYPOINTS = {
     "router": "services.router.server",
 }
 
-cache_app = typer.Typer(help="Look at and clear the semantic cache.", no_args_is_help=True)
+cache_app = typer.Typer(help="Look at, clear and correct the semantic cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
@@ -93,6 +93,17 @@ def cache_clear(
     from services.cache.cli import clear_cache
 
     raise typer.Exit(clear_cache(cache, scope))
+
+
+@cache_app.command("forget")
+def cache_forget(
+    entry: Annotated[str, typer.Argument(help="The entry id a cached response named in x-lmc-cache-entry.")],
+    cache: CacheAddress = "127.0.0.1:50053",
+) -> None:
+    """Remove one cached answer reported wrong (counted in lmc_cache_wrong_answers_reported_total)."""
+    from services.cache.cli import forget_entry
+
+    raise typer.Exit(forget_entry(cache, entry))
 
 
 @app.command()

@@ -5,6 +5,10 @@ The Router calls `cache_scope(request)` for every chat or completion request. It
 - `scope`: SHA-256 (hex) of a canonical JSON document of everything that changes the right answer
   except the wording of the final user message:
   * the API ("chat" or "completion") and the model (the id the Router resolved, else request.model);
+  * the weights: the fingerprints of the model files that may answer (`weights`), so that a file
+    replaced with new weights never serves the old weights' answers;
+  * the tenant (`tenant`): a hash of the API key's identity that Envoy forwards, so one customer's
+    answers never reach another (unless the cache is shared across keys on purpose);
   * the explicit namespace `cache.scope`, if any (entries are shared only within one namespace);
   * chat: every message before the final user message (role, name, content, tool_calls,
     tool_call_id) in order, so the system / developer prompt, earlier turns, and documents pasted or
@@ -22,10 +26,12 @@ The Router calls `cache_scope(request)` for every chat or completion request. It
   backend's defaults are not the cache's to assume. Left out: `stream` and `stream_options` (a
   streamed request can replay a stored answer), `n` (only n = 1 is cacheable), `user`, and the other
   cache options.
-- `exact_key`: SHA-256 of the scope and the final user message, normalized only by Unicode NFC,
-  CRLF -> LF, and stripping leading/trailing whitespace. Case and inner whitespace are kept.
-- `prompt`: the final user message's text (text parts joined by a newline), normalized as for the
-  exact key; this is what is embedded and verified.
+- `exact_key`: SHA-256 of the scope and the final user message's canonical form
+  (services/common/prompt_text.py): the same question up to case, spacing, punctuation outside
+  code, politeness, contractions, articles and request framing has the same exact key, and hits
+  without an embedding. Code keeps its case and spacing.
+- `prompt`: the final user message's whole text (text parts joined by a newline; NFC, LF line ends,
+  outer whitespace stripped); this is what is embedded and what verification compares, whole.
 - `cacheable`, with `reason` when not. Policy: not cacheable are requests with n > 1 or
   best_of > 1 (they ask for several different samples), requests that offer tools the model may call
   (tool_choice other than "none": answers are actions on live data), chats whose last message is
@@ -42,14 +48,18 @@ from __future__ import annotations
 import hashlib
 import json
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from lmcluster.registry.v1 import registry_pb2
 from lmcluster.router.v1 import openai_pb2
 
-SCOPE_VERSION = "lmc-scope-1"
+from services.common.prompt_text import CANON_VERSION, canonical_text
+
+SCOPE_VERSION = "lmc-scope-2"
 
 ScopedRequest = openai_pb2.CreateChatCompletionRequest | openai_pb2.CreateCompletionRequest
 
@@ -67,6 +77,20 @@ class CacheScope:
     store: bool = False
     threshold: float | None = None
     ttl_seconds: int | None = None
+
+
+def weights_identity(models: Iterable[registry_pb2.Model]) -> str:
+    """What identifies the weights of these model files: id and fingerprint of each, in id order.
+
+    The full content hash when the Registry computed one, else size, modification time and the
+    hash of each part's first MiB: the Supervisor swaps a backend on exactly this change.
+    """
+    parts = []
+    for model in sorted(models, key=lambda m: m.id):
+        fingerprint = model.fingerprint
+        digest = fingerprint.sha256 or f"{fingerprint.header_sha256}/{fingerprint.size_bytes}/{fingerprint.mtime_ns}"
+        parts.append(f"{model.id}={digest}")
+    return ",".join(parts)
 
 
 def _nfc(text: str) -> str:
@@ -212,9 +236,24 @@ def _tools_offered(request: openai_pb2.CreateChatCompletionRequest) -> bool:
     return choice != "none"
 
 
-def cache_scope(request: ScopedRequest, *, model: str | None = None) -> CacheScope:
-    """The scope, exact key and prompt of a chat or completion request (see the module's doc)."""
+def exact_key_for(scope: str, prompt: str) -> str:
+    """The exact key of a prompt in a scope: equal for prompts equal up to harmless differences."""
+    return _digest(SCOPE_VERSION, CANON_VERSION, scope, canonical_text(prompt))
+
+
+def cache_scope(
+    request: ScopedRequest, *, model: str | None = None, weights: str = "", tenant: str = ""
+) -> CacheScope:
+    """The scope, exact key and prompt of a chat or completion request (see the module's doc).
+
+    `weights` identifies the model files that may answer (`weights_identity`); `tenant` the API
+    key's identity as Envoy forwards it (never the key), empty when the cache is shared.
+    """
     document: dict[str, Any] = {"v": SCOPE_VERSION, "model": model or request.model}
+    if weights:
+        document["weights"] = weights
+    if tenant:
+        document["tenant"] = hashlib.sha256(tenant.encode("utf-8")).hexdigest()
     if request.cache.scope:
         document["namespace"] = _nfc(request.cache.scope)
     if request.HasField("n") and request.n > 1:
@@ -255,7 +294,7 @@ def cache_scope(request: ScopedRequest, *, model: str | None = None) -> CacheSco
         return _not_cacheable("a parameter is NaN or infinite", request)
     scope = _digest(canonical)
     text = normalize_prompt(prompt)
-    exact_key = _digest(SCOPE_VERSION, scope, text)
+    exact_key = exact_key_for(scope, text)
     return CacheScope(
         scope=scope,
         exact_key=exact_key,

@@ -29,6 +29,8 @@ REST_MARKER = "x-lmc-rest"
 # Initial metadata the Router sends; Envoy passes it to REST clients as response headers.
 CACHE_HEADER = "x-lmc-cache"
 SIMILARITY_HEADER = "x-lmc-similarity"
+# The id of the entry that answered a cache hit (DELETE /v1/cache/entries/{id} removes it).
+CACHE_ENTRY_HEADER = "x-lmc-cache-entry"
 # Trailing metadata of a failed RPC.
 ERROR_METADATA = "x-lmc-error"
 HTTP_STATUS_METADATA = "x-lmc-http-status"

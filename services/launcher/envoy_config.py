@@ -22,6 +22,7 @@ A limit left at None keeps the template's value.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import math
 import os
@@ -320,17 +321,23 @@ def parse_otlp_headers(headers: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _client_id(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:24]
+
+
 def _insert_api_key_auth(http_filters: list[Config], keys: list[str]) -> None:
     """Right after the health checks, so /healthz and /readyz stay open and nothing else does."""
     auth = {
         "name": _API_KEY_AUTH,
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.api_key_auth.v3.ApiKeyAuth",
-            "credentials": [{"key": key, "client": f"key-{index + 1}"} for index, key in enumerate(keys)],
+            # The client id is a hash of the key, never the key: the Router scopes cached answers
+            # by it, so it must not change when other keys are added or removed.
+            "credentials": [{"key": key, "client": _client_id(key)} for key in keys],
             # `Authorization: Bearer KEY` (the filter strips "Bearer "); gRPC clients send the same metadata.
             "key_sources": [{"header": "authorization"}],
-            # The Router never sees the key.
-            "forwarding": {"hide_credentials": True},
+            # The Router never sees the key; it gets the client id (cache tenant) in `lmc-client`.
+            "forwarding": {"hide_credentials": True, "header": "lmc-client"},
         },
     }
     position = 0

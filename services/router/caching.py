@@ -1,8 +1,10 @@
 """The Router's side of the semantic cache: look up before a generation, store after it.
 
-The exact lookup comes first; only when it misses is the final user message embedded for the
-semantic lookup (repeats are mostly word for word, and an embedding per exact hit was the largest
-CPU cost of the hit path). The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
+The exact lookup comes first (its key is the canonical prompt: case, spacing, politeness and the
+like do not matter); only when it misses is the final user message embedded for the semantic
+lookup (repeats are mostly near-verbatim, and an embedding per exact hit was the largest CPU cost
+of the hit path). The two Lookup RPCs count as one lookup: the first says that a semantic lookup
+follows a miss, so the Cache counts only its hits. The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
 broken cache is a miss, never a failed request; a slow one still gets the answer stored, since the
 vector is finished in the background. Stores run in the background after the client has its answer.
 """
@@ -19,6 +21,8 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from lmcluster.cache.v1 import cache_pb2, cache_service_pb2, cache_service_pb2_grpc
 from lmcluster.embedding.v1 import embedding_service_pb2, embedding_service_pb2_grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.cache_scope import CacheScope, cache_scope
 from services.router import observe
@@ -27,6 +31,24 @@ from services.router.codec import GenerationRequest
 log = logging.getLogger(__name__)
 
 CacheStatus = Literal["hit", "miss", "bypass"]
+# Request metadata that Envoy's api_key_auth filter sets to the key's client id (a hash of the key).
+TENANT_METADATA = "lmc-client"
+
+
+class CacheTenancy(BaseSettings):
+    """Whether API keys share cached answers: `LMC_CACHE_SHARED_ACROSS_KEYS=true` shares them."""
+
+    model_config = SettingsConfigDict(env_prefix="LMC_CACHE_", frozen=True, extra="ignore")
+
+    shared_across_keys: bool = Field(
+        False, description="One cache for every API key (public FAQ bots); by default each key has its own."
+    )
+
+
+def tenant_of(metadata: Any) -> str:
+    """The API key's client id Envoy forwarded with the request, "" without keys."""
+    values = [value for key, value in metadata or () if key == TENANT_METADATA]
+    return str(values[-1]) if values else ""
 # How long a vector computed for the store (after the lookup's budget) may take.
 BACKGROUND_EMBED_TIMEOUT = 10.0
 
@@ -63,23 +85,38 @@ class AnswerCache:
         *,
         enabled: bool,
         timeout: float,
+        tenancy: CacheTenancy | None = None,
     ) -> None:
         self._embedding = embedding
         self._cache = cache
         self._enabled = enabled
         self._timeout = timeout
+        self._tenancy = tenancy or CacheTenancy()
         self._background: set[asyncio.Task[Any]] = set()
 
-    async def lookup(self, request: GenerationRequest, model: str) -> CacheDecision:
-        """Exact, then semantic lookup (or a bypass), in the `cache lookup` span."""
+    async def lookup(
+        self, request: GenerationRequest, model: str, *, weights: str = "", tenant: str = ""
+    ) -> CacheDecision:
+        """Exact, then semantic lookup (or a bypass), in the `cache lookup` span.
+
+        `weights` identifies the model files that may answer; `tenant` is the API key's client id.
+        """
         with observe.start_cache_lookup() as span:
-            decision = await self._decide(request, model)
+            decision = await self._decide(request, model, weights, tenant)
             observe.record_cache_decision(span, decision)
             return decision
 
-    async def _decide(self, request: GenerationRequest, model: str) -> CacheDecision:
+    async def forget(self, entry_id: str) -> bool:
+        """Removes an entry whose answer was reported wrong; False if there was none."""
+        reply = await self._cache.Invalidate(
+            cache_service_pb2.InvalidateRequest(entry_id=entry_id, reported_wrong=True), timeout=5.0
+        )
+        return reply.removed > 0
+
+    async def _decide(self, request: GenerationRequest, model: str, weights: str, tenant: str) -> CacheDecision:
         options = request.cache
-        scope = cache_scope(request, model=model)
+        tenant = "" if self._tenancy.shared_across_keys else tenant
+        scope = cache_scope(request, model=model, weights=weights, tenant=tenant)
         store = self._enabled and scope.cacheable and not options.skip_store
         if not self._enabled or not scope.cacheable or options.skip_lookup:
             # The request does not wait for the vector; only the store after the answer does.
@@ -100,7 +137,7 @@ class AnswerCache:
         try:
             async with asyncio.timeout_at(deadline):
                 exact = await self._cache.Lookup(
-                    cache_service_pb2.LookupRequest(scope=scope.scope, exact_key=scope.exact_key)
+                    cache_service_pb2.LookupRequest(scope=scope.scope, exact_key=scope.exact_key, semantic_follows=True)
                 )
         except grpc.aio.AioRpcError as error:
             log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
@@ -115,6 +152,8 @@ class AnswerCache:
             async with asyncio.timeout_at(deadline):
                 vector = await asyncio.shield(embedding)
                 if not vector:
+                    # No semantic lookup after all: the exact one is asked again, to count the miss.
+                    await self._cache.Lookup(cache_service_pb2.LookupRequest(scope=scope.scope, exact_key=scope.exact_key))
                     return CacheDecision("miss", scope=scope, store=False)
                 request = cache_service_pb2.LookupRequest(
                     scope=scope.scope, embedding=vector, exact_key=scope.exact_key, prompt=scope.prompt

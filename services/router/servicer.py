@@ -28,7 +28,8 @@ from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_p
 
 from services.common import gateway
 from services.router import assembly, codec, metrics, observe
-from services.router.caching import AnswerCache, CacheDecision
+from services.common.cache_scope import weights_identity
+from services.router.caching import AnswerCache, CacheDecision, tenant_of
 from services.router.catalog import ModelCatalog, ModelRoute
 from services.router.errors import (
     BackendTimeout,
@@ -136,6 +137,30 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     ) -> router_service_pb2.ListModelsResponse:
         return self._catalog.list_models()
 
+    async def DeleteCacheEntry(
+        self, request: router_service_pb2.DeleteCacheEntryRequest, context: grpc.aio.ServicerContext
+    ) -> router_service_pb2.DeleteCacheEntryResponse:
+        """Removes a cached answer reported wrong; 404 when no entry has that id."""
+        entry = request.entry.strip().lower()
+        if not entry or len(entry) > 64 or not set(entry) <= set("0123456789abcdef"):
+            await gateway.abort_with_openai_error(
+                context, grpc.StatusCode.NOT_FOUND, f"No cache entry `{request.entry[:80]}`.",
+                type="invalid_request_error", code="cache_entry_not_found", param="entry",
+            )  # fmt: skip
+        try:
+            deleted = await self._cache.forget(entry)
+        except grpc.aio.AioRpcError as error:
+            await gateway.abort_with_openai_error(
+                context, grpc.StatusCode.UNAVAILABLE, f"The cache cannot remove entries now: {error.details()}",
+                type="server_error", code="cache_unavailable", retry_after=2,
+            )  # fmt: skip
+        if not deleted:
+            await gateway.abort_with_openai_error(
+                context, grpc.StatusCode.NOT_FOUND, f"No cache entry `{entry}` (it may have expired).",
+                type="invalid_request_error", code="cache_entry_not_found", param="entry",
+            )  # fmt: skip
+        return router_service_pb2.DeleteCacheEntryResponse(id=entry, object="cache.entry", deleted=True)
+
     async def CreateEmbedding(
         self, request: pb.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateEmbeddingResponse:
@@ -173,7 +198,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             raise  # unreachable: abort raises
 
     # --- the request path ----------------------------------------------------------------------
-    async def _prepare(self, api: GenerationApi, request: codec.GenerationRequest) -> Prepared:
+    async def _prepare(self, api: GenerationApi, request: codec.GenerationRequest, tenant: str = "") -> Prepared:
         started = time.perf_counter()
         codec.validate(request)
         if not self._catalog.synced:
@@ -181,14 +206,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         route = self._catalog.resolve(request.model)
         best = self._catalog.get(route.variant_ids[0])
         base_model = (best.base_id if best is not None and not route.pinned else "") or route.variant_ids[0]
-        decision = await self._cache.lookup(request, base_model)
+        weights = weights_identity(m for m in map(self._catalog.get, route.variant_ids) if m is not None)
+        decision = await self._cache.lookup(request, base_model, weights=weights, tenant=tenant)
         return Prepared(route, decision, started)
 
     async def _unary(self, api: GenerationApi, request: codec.GenerationRequest, context: grpc.aio.ServicerContext) -> Message:
         cache_label, result = "none", "error"
         try:
             async with _deadline(context):
-                prepared = await self._prepare(api, request)
+                prepared = await self._prepare(api, request, tenant_of(context.invocation_metadata()))
                 cache_label = prepared.decision.status
                 cached = prepared.decision.parse(api.response_type) if prepared.decision.status == "hit" else None
                 if cached is not None:
@@ -235,7 +261,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         cache_label, result, sent_any = "none", "error", False
         try:
             async with _deadline(context):
-                prepared = await self._prepare(api, request)
+                prepared = await self._prepare(api, request, tenant_of(context.invocation_metadata()))
                 cache_label = prepared.decision.status
                 cached = prepared.decision.parse(api.response_type) if prepared.decision.status == "hit" else None
                 if cached is not None:
@@ -397,6 +423,8 @@ def _cache_metadata(decision: CacheDecision) -> tuple[tuple[str, str], ...]:
     metadata = [(gateway.CACHE_HEADER, decision.status)]
     if decision.status == "hit":
         metadata.append((CACHE_KIND_HEADER, decision.kind))
+        if decision.entry is not None:
+            metadata.append((gateway.CACHE_ENTRY_HEADER, decision.entry.entry_id))
         if decision.kind == "semantic":
             metadata.append((gateway.SIMILARITY_HEADER, f"{decision.similarity:.4f}"))
     return tuple(metadata)

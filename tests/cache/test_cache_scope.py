@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 from google.protobuf.json_format import ParseDict
+from lmcluster.registry.v1 import registry_pb2
 from lmcluster.router.v1 import openai_pb2
 
-from services.common.cache_scope import cache_scope, normalize_prompt
+from services.common.cache_scope import cache_scope, normalize_prompt, weights_identity
 
 
 def chat(**fields: Any) -> openai_pb2.CreateChatCompletionRequest:
@@ -105,15 +106,48 @@ def test_text_parts_and_a_string_are_the_same_final_message() -> None:
     assert cache_scope(parts).exact_key == cache_scope(chat()).exact_key
 
 
-def test_exact_key_normalization_keeps_case_and_inner_whitespace() -> None:
+def test_the_exact_key_is_the_canonical_prompt_and_code_stays_verbatim() -> None:
     def key(text: str) -> str:
         return cache_scope(chat(messages=[{"role": "user", "content": text}])).exact_key
 
-    assert key("What is 2+2?") == key("  What is 2+2?\r\n")
-    assert key("What is 2+2?") != key("what is 2+2?")
+    assert key("What is 2+2?") == key("  What is 2+2?\r\n") == key("what is 2+2") == key("Hi! What's 2+2?")
+    assert key("Can you explain TCP?") == key("Please explain TCP.")
+    assert key("What is 2+2?") != key("What is 2+3?")
+    assert key("Who did Acme sue?") != key("Who sued Acme?")
     assert key("def f():\n    return 1") != key("def f():\n  return 1")
+    assert key("Why does `Foo()` fail?") != key("Why does `foo()` fail?")
     assert normalize_prompt("a\r\nb ") == "a\nb"
     assert key("café") == key("cafe\u0301")  # Unicode NFC
+    # The prompt the cache embeds and verifies is the whole message, as written.
+    assert cache_scope(chat(messages=[{"role": "user", "content": " Hi! What's 2+2? "}])).prompt == "Hi! What's 2+2?"
+
+
+def fingerprinted(model_id: str, header: str, sha256: str = "") -> registry_pb2.Model:
+    return registry_pb2.Model(
+        id=model_id,
+        fingerprint=registry_pb2.Fingerprint(size_bytes=100, mtime_ns=5, header_sha256=header, sha256=sha256),
+    )
+
+
+def test_the_weights_are_in_the_scope() -> None:
+    request = chat()
+    old = weights_identity([fingerprinted("m/q4", "aaa")])
+    new = weights_identity([fingerprinted("m/q4", "bbb")])
+    assert old != new
+    assert cache_scope(request, model="m", weights=old).scope != cache_scope(request, model="m", weights=new).scope
+    assert cache_scope(request, model="m", weights=old).scope == cache_scope(request, model="m", weights=old).scope
+    # Variants in any order; the full content hash wins when the Registry has one.
+    both = [fingerprinted("m/q4", "aaa"), fingerprinted("m/q8", "ccc")]
+    assert weights_identity(both) == weights_identity(list(reversed(both)))
+    assert "ffff" in weights_identity([fingerprinted("m/q4", "aaa", sha256="ffff")])
+
+
+def test_each_tenant_has_its_own_scope_and_never_the_key_itself() -> None:
+    request = chat()
+    first = cache_scope(request, tenant="key-0a1b")
+    assert first.scope != cache_scope(request, tenant="key-9f8e").scope
+    assert first.scope != cache_scope(request).scope
+    assert first.scope == cache_scope(request, tenant="key-0a1b").scope
 
 
 @pytest.mark.parametrize(

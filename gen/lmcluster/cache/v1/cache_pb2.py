@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elmcluster/cache/v1/cache.proto\x12\x12lmcluster.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x11RejectedCandidate\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\nsimilarity\x18\x02 \x01(\x01\x12\x33\n\x06reason\x18\x03 \x01(\x0e\x32#.lmcluster.cache.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xe0\x01\n\nCacheEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x11\n\texact_key\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\x0c\x12\x15\n\rresponse_type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration*N\n\x07HitKind\x12\x18\n\x14HIT_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHIT_KIND_EXACT\x10\x01\x12\x15\n\x11HIT_KIND_SEMANTIC\x10\x02*\xe2\x01\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REJECTION_REASON_NUMBER\x10\x01\x12\x1d\n\x19REJECTION_REASON_NEGATION\x10\x02\x12\x1a\n\x16REJECTION_REASON_ORDER\x10\x03\x12\x1b\n\x17REJECTION_REASON_ENTITY\x10\x04\x12\x1c\n\x18REJECTION_REASON_ANTONYM\x10\x05\x12\x1a\n\x16REJECTION_REASON_OTHER\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elmcluster/cache/v1/cache.proto\x12\x12lmcluster.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"~\n\x11RejectedCandidate\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x12\n\nsimilarity\x18\x02 \x01(\x01\x12\x33\n\x06reason\x18\x03 \x01(\x0e\x32#.lmcluster.cache.v1.RejectionReason\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"\xe0\x01\n\nCacheEntry\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\r\n\x05scope\x18\x02 \x01(\t\x12\x11\n\texact_key\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\x0c\x12\x15\n\rresponse_type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x03ttl\x18\t \x01(\x0b\x32\x19.google.protobuf.Duration*N\n\x07HitKind\x12\x18\n\x14HIT_KIND_UNSPECIFIED\x10\x00\x12\x12\n\x0eHIT_KIND_EXACT\x10\x01\x12\x15\n\x11HIT_KIND_SEMANTIC\x10\x02*\x84\x02\n\x0fRejectionReason\x12 \n\x1cREJECTION_REASON_UNSPECIFIED\x10\x00\x12\x1b\n\x17REJECTION_REASON_NUMBER\x10\x01\x12\x1d\n\x19REJECTION_REASON_NEGATION\x10\x02\x12\x1a\n\x16REJECTION_REASON_ORDER\x10\x03\x12\x1b\n\x17REJECTION_REASON_ENTITY\x10\x04\x12\x1c\n\x18REJECTION_REASON_ANTONYM\x10\x05\x12\x1a\n\x16REJECTION_REASON_OTHER\x10\x06\x12 \n\x1cREJECTION_REASON_UNEXPLAINED\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HITKIND']._serialized_start=474
   _globals['_HITKIND']._serialized_end=552
   _globals['_REJECTIONREASON']._serialized_start=555
-  _globals['_REJECTIONREASON']._serialized_end=781
+  _globals['_REJECTIONREASON']._serialized_end=815
   _globals['_REJECTEDCANDIDATE']._serialized_start=119
   _globals['_REJECTEDCANDIDATE']._serialized_end=245
   _globals['_CACHEENTRY']._serialized_start=248

@@ -25,6 +25,7 @@ class RejectionReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REJECTION_REASON_ENTITY: _ClassVar[RejectionReason]
     REJECTION_REASON_ANTONYM: _ClassVar[RejectionReason]
     REJECTION_REASON_OTHER: _ClassVar[RejectionReason]
+    REJECTION_REASON_UNEXPLAINED: _ClassVar[RejectionReason]
 HIT_KIND_UNSPECIFIED: HitKind
 HIT_KIND_EXACT: HitKind
 HIT_KIND_SEMANTIC: HitKind
@@ -35,6 +36,7 @@ REJECTION_REASON_ORDER: RejectionReason
 REJECTION_REASON_ENTITY: RejectionReason
 REJECTION_REASON_ANTONYM: RejectionReason
 REJECTION_REASON_OTHER: RejectionReason
+REJECTION_REASON_UNEXPLAINED: RejectionReason
 
 class RejectedCandidate(_message.Message):
     __slots__ = ("entry_id", "similarity", "reason", "detail")

@@ -11,18 +11,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LookupRequest(_message.Message):
-    __slots__ = ("scope", "embedding", "exact_key", "prompt", "threshold")
+    __slots__ = ("scope", "embedding", "exact_key", "prompt", "threshold", "semantic_follows")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     EXACT_KEY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
     scope: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     exact_key: str
     prompt: str
     threshold: float
-    def __init__(self, scope: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., exact_key: _Optional[str] = ..., prompt: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+    semantic_follows: bool
+    def __init__(self, scope: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., exact_key: _Optional[str] = ..., prompt: _Optional[str] = ..., threshold: _Optional[float] = ..., semantic_follows: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hit", "kind", "entry", "similarity", "age", "rejected", "degraded")
@@ -73,14 +75,16 @@ class StoreResponse(_message.Message):
     def __init__(self, entry_id: _Optional[str] = ..., stored: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class InvalidateRequest(_message.Message):
-    __slots__ = ("scope", "entry_id", "all")
+    __slots__ = ("scope", "entry_id", "all", "reported_wrong")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     ENTRY_ID_FIELD_NUMBER: _ClassVar[int]
     ALL_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_WRONG_FIELD_NUMBER: _ClassVar[int]
     scope: str
     entry_id: str
     all: bool
-    def __init__(self, scope: _Optional[str] = ..., entry_id: _Optional[str] = ..., all: _Optional[bool] = ...) -> None: ...
+    reported_wrong: bool
+    def __init__(self, scope: _Optional[str] = ..., entry_id: _Optional[str] = ..., all: _Optional[bool] = ..., reported_wrong: _Optional[bool] = ...) -> None: ...
 
 class InvalidateResponse(_message.Message):
     __slots__ = ("removed",)
@@ -93,7 +97,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatsResponse(_message.Message):
-    __slots__ = ("entries", "exact_hits", "semantic_hits", "misses", "rejected_candidates", "rejected_by_reason", "hit_ratio", "index_memory_bytes", "stores", "stores_dropped", "degraded_lookups", "redis_available", "index_name", "threshold")
+    __slots__ = ("entries", "exact_hits", "semantic_hits", "misses", "rejected_candidates", "rejected_by_reason", "hit_ratio", "index_memory_bytes", "stores", "stores_dropped", "degraded_lookups", "redis_available", "index_name", "threshold", "wrong_answers_reported")
     class RejectedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +119,7 @@ class GetStatsResponse(_message.Message):
     REDIS_AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     INDEX_NAME_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    WRONG_ANSWERS_REPORTED_FIELD_NUMBER: _ClassVar[int]
     entries: int
     exact_hits: int
     semantic_hits: int
@@ -129,4 +134,5 @@ class GetStatsResponse(_message.Message):
     redis_available: bool
     index_name: str
     threshold: float
-    def __init__(self, entries: _Optional[int] = ..., exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., rejected_candidates: _Optional[int] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ..., hit_ratio: _Optional[float] = ..., index_memory_bytes: _Optional[int] = ..., stores: _Optional[int] = ..., stores_dropped: _Optional[int] = ..., degraded_lookups: _Optional[int] = ..., redis_available: _Optional[bool] = ..., index_name: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+    wrong_answers_reported: int
+    def __init__(self, entries: _Optional[int] = ..., exact_hits: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., misses: _Optional[int] = ..., rejected_candidates: _Optional[int] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ..., hit_ratio: _Optional[float] = ..., index_memory_bytes: _Optional[int] = ..., stores: _Optional[int] = ..., stores_dropped: _Optional[int] = ..., degraded_lookups: _Optional[int] = ..., redis_available: _Optional[bool] = ..., index_name: _Optional[str] = ..., threshold: _Optional[float] = ..., wrong_answers_reported: _Optional[int] = ...) -> None: ...

@@ -64,8 +64,8 @@ class CacheServiceServicer:
     """
 
     def Lookup(self, request, context):
-        """Lookup finds a stored answer: exact key first, then vector search within the scope, then
-        verification of each candidate at or above the threshold.
+        """Lookup finds a stored answer: exact key first (the canonical prompt), then vector search within
+        the scope, then verification of each candidate at or above the threshold over the whole prompts.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

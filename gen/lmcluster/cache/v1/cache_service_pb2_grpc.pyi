@@ -36,8 +36,8 @@ class CacheServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> CacheServiceAsyncStub: ...
     Lookup: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.LookupRequest, _cache_service_pb2.LookupResponse]
-    """Lookup finds a stored answer: exact key first, then vector search within the scope, then
-    verification of each candidate at or above the threshold.
+    """Lookup finds a stored answer: exact key first (the canonical prompt), then vector search within
+    the scope, then verification of each candidate at or above the threshold over the whole prompts.
     """
     Store: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.StoreRequest, _cache_service_pb2.StoreResponse]
     """Store saves an answer with a time to live."""
@@ -54,8 +54,8 @@ class CacheServiceAsyncStub(CacheServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Lookup: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.LookupRequest, _cache_service_pb2.LookupResponse]  # type: ignore[assignment]
-    """Lookup finds a stored answer: exact key first, then vector search within the scope, then
-    verification of each candidate at or above the threshold.
+    """Lookup finds a stored answer: exact key first (the canonical prompt), then vector search within
+    the scope, then verification of each candidate at or above the threshold over the whole prompts.
     """
     Store: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.StoreRequest, _cache_service_pb2.StoreResponse]  # type: ignore[assignment]
     """Store saves an answer with a time to live."""
@@ -75,8 +75,8 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _cache_service_pb2.LookupRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.LookupResponse, _abc.Awaitable[_cache_service_pb2.LookupResponse]]:
-        """Lookup finds a stored answer: exact key first, then vector search within the scope, then
-        verification of each candidate at or above the threshold.
+        """Lookup finds a stored answer: exact key first (the canonical prompt), then vector search within
+        the scope, then verification of each candidate at or above the threshold over the whole prompts.
         """
 
     @_abc_1.abstractmethod

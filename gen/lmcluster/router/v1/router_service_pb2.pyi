@@ -12,6 +12,22 @@ class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DeleteCacheEntryRequest(_message.Message):
+    __slots__ = ("entry",)
+    ENTRY_FIELD_NUMBER: _ClassVar[int]
+    entry: str
+    def __init__(self, entry: _Optional[str] = ...) -> None: ...
+
+class DeleteCacheEntryResponse(_message.Message):
+    __slots__ = ("id", "object", "deleted")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OBJECT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    object: str
+    deleted: bool
+    def __init__(self, id: _Optional[str] = ..., object: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+
 class ListModelsResponse(_message.Message):
     __slots__ = ("object", "data")
     OBJECT_FIELD_NUMBER: _ClassVar[int]

@@ -70,6 +70,11 @@ class RouterServiceStub:
                 request_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.DeleteCacheEntry = channel.unary_unary(
+                '/lmcluster.router.v1.RouterService/DeleteCacheEntry',
+                request_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.DeleteCacheEntryRequest.SerializeToString,
+                response_deserializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.DeleteCacheEntryResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -124,6 +129,13 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteCacheEntry(self, request, context):
+        """DeleteCacheEntry removes a cached answer reported wrong (the id from `x-lmc-cache-entry`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -156,6 +168,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.FromString,
                     response_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DeleteCacheEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCacheEntry,
+                    request_deserializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.DeleteCacheEntryRequest.FromString,
+                    response_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.DeleteCacheEntryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -325,6 +342,33 @@ class RouterService:
             '/lmcluster.router.v1.RouterService/ListModels',
             lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.SerializeToString,
             lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCacheEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmcluster.router.v1.RouterService/DeleteCacheEntry',
+            lmcluster_dot_router_dot_v1_dot_router__service__pb2.DeleteCacheEntryRequest.SerializeToString,
+            lmcluster_dot_router_dot_v1_dot_router__service__pb2.DeleteCacheEntryResponse.FromString,
             options,
             channel_credentials,
             insecure,

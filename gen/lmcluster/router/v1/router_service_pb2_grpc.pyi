@@ -55,6 +55,8 @@ class RouterServiceStub:
     """CreateEmbedding embeds texts with the Embedding service."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListModelsRequest, _router_service_pb2.ListModelsResponse]
     """ListModels lists every READY model and alias."""
+    DeleteCacheEntry: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.DeleteCacheEntryRequest, _router_service_pb2.DeleteCacheEntryResponse]
+    """DeleteCacheEntry removes a cached answer reported wrong (the id from `x-lmc-cache-entry`)."""
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -82,6 +84,8 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """CreateEmbedding embeds texts with the Embedding service."""
     ListModels: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListModelsRequest, _router_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists every READY model and alias."""
+    DeleteCacheEntry: _aio.UnaryUnaryMultiCallable[_router_service_pb2.DeleteCacheEntryRequest, _router_service_pb2.DeleteCacheEntryResponse]  # type: ignore[assignment]
+    """DeleteCacheEntry removes a cached answer reported wrong (the id from `x-lmc-cache-entry`)."""
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """RouterService is the OpenAI-compatible API: cache first, then the right llama-server backend.
@@ -142,5 +146,13 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.ListModelsResponse, _abc.Awaitable[_router_service_pb2.ListModelsResponse]]:
         """ListModels lists every READY model and alias."""
+
+    @_abc_1.abstractmethod
+    def DeleteCacheEntry(
+        self,
+        request: _router_service_pb2.DeleteCacheEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_service_pb2.DeleteCacheEntryResponse, _abc.Awaitable[_router_service_pb2.DeleteCacheEntryResponse]]:
+        """DeleteCacheEntry removes a cached answer reported wrong (the id from `x-lmc-cache-entry`)."""
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
