@@ -52,6 +52,7 @@ _SYMMETRIC_CONNECTORS = {"and", "or", "vs", "versus", "und", "oder", "et", "ou",
 # Words that make a coordination an order of events or a mapping ("X and then Y", "respectively").
 _SEQUENCE_WORDS = {"then", "respectively", "first", "before", "after", "followed", "puis", "dann", "luego", "después"}
 _DETAIL_CHARS = 120
+_MAX_DIFF_TOKENS = 64
 # Only to name the reason of a refusal (never to accept anything).
 _NEGATIONS = {
     "not", "no", "never", "none", "nothing", "nobody", "neither", "nor", "without",
@@ -92,13 +93,23 @@ def _shown(token: str) -> str:
 
 
 def _refusal(mine: tuple[str, ...], theirs: tuple[str, ...]) -> Verdict:
+    # Only the stretch between the common start and the common end is compared token by token
+    # (bounded, so that two long documents never cost more than a short diff).
+    start = 0
+    while start < min(len(mine), len(theirs)) and mine[start] == theirs[start]:
+        start += 1
+    end = 0
+    while end < min(len(mine), len(theirs)) - start and mine[-1 - end] == theirs[-1 - end]:
+        end += 1
+    left_middle = mine[start : len(mine) - end][:_MAX_DIFF_TOKENS]
+    right_middle = theirs[start : len(theirs) - end][:_MAX_DIFF_TOKENS]
     differing: list[str] = []
     pairs: list[str] = []
-    matcher = SequenceMatcher(a=mine, b=theirs, autojunk=False)
+    matcher = SequenceMatcher(a=left_middle, b=right_middle, autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
             continue
-        left, right = mine[i1:i2], theirs[j1:j2]
+        left, right = left_middle[i1:i2], right_middle[j1:j2]
         differing += [*left, *right]
         pairs.append(f"{' '.join(map(_shown, left)) or '-'} / {' '.join(map(_shown, right)) or '-'}")
     detail = "; ".join(pairs)

@@ -183,6 +183,8 @@ _FRONTING_PREPOSITIONS = {
 }  # fmt: skip
 _MAX_FRONTED = 6
 _ARTICLES = {"a", "an", "the"}
+# The first words of every phrase looked for (politeness, frames): a quick test before the phrases.
+_FIRST_WORDS = {phrase[0] for phrase in _POLITENESS}
 _REQUEST_VERBS_EN = (
     "tell", "explain", "describe", "give", "show", "list", "write", "summarize", "summarise", "translate",
     "suggest", "recommend", "provide", "define", "compare", "outline", "clarify", "draft", "rewrite",
@@ -250,6 +252,8 @@ def _expand_contraction(token: str) -> tuple[str, ...]:
 
 def _phrase_at(tokens: list[str], i: int, phrases: tuple[tuple[str, ...], ...]) -> int:
     """The length of the phrase that starts at tokens[i], 0 if none does."""
+    if i >= len(tokens) or tokens[i] not in _FIRST_WORDS:
+        return 0
     for phrase in phrases:
         if tuple(tokens[i : i + len(phrase)]) == phrase:
             return len(phrase)
@@ -265,7 +269,7 @@ def _without_politeness(tokens: list[str]) -> list[str]:
     kept: list[str] = []
     i = 0
     while i < len(tokens):
-        at_start = all(t == _PAUSE for t in kept)
+        at_start = not kept or all(t == _PAUSE for t in kept)
         n = _phrase_at(tokens, i, _POLITENESS)
         if n:
             rest = [t for t in tokens[i + n :] if t != _PAUSE]

@@ -41,7 +41,7 @@ from services.cache.index import IndexLayout, scope_tag
 from services.cache.store import NewEntry, entry_fields, entry_id_for
 from services.cache.verification import verify
 from tests.cache.conftest import Embedder, RedisProcess
-from tests.cache.test_quality import cosine_similarities, load_pairs, lookup_hits, score
+from tests.cache.test_quality import class_table, cosines, load_pairs, lookup_hits
 from tests.fixtures.parts import free_port, running_part
 
 if TYPE_CHECKING:
@@ -273,22 +273,13 @@ async def measure_degraded(stub: pb_grpc.CacheServiceStub, redis_server: RedisPr
 
 async def measure_quality(stub: pb_grpc.CacheServiceStub, embed: Embedder) -> list[str]:
     pairs = load_pairs()
-    similarities = cosine_similarities(pairs, embed)
-    thresholds = [0.85, 0.90, 0.95, 0.98]
-    hits = await lookup_hits(stub, pairs, embed, thresholds)
+    hits = await lookup_hits(stub, pairs, embed)
     started = time.perf_counter()
     for pair in pairs:
-        verify(pair.b + " ", pair.a)  # a fresh prompt text: no memoized analysis for it
+        verify(pair.b + " ", pair.a)  # a fresh prompt text: nothing memoized for it
     verify_us = (time.perf_counter() - started) / len(pairs) * 1e6
-    lines = [f"{len(pairs)} labelled pairs, {sum(p.should_hit for p in pairs)} paraphrases "
-             f"(verification alone: {verify_us:.0f} µs per candidate)",
-             "threshold | plain cosine P / R | full Lookup P / R | must-not hits (cosine → Lookup)"]  # fmt: skip
-    for threshold in thresholds:
-        plain = score(pairs, [bool(s >= threshold) for s in similarities])
-        full = score(pairs, hits[threshold])
-        lines.append(f"   {threshold:.2f}  |   {plain.precision:.3f} / {plain.recall:.3f}    |   "
-                     f"{full.precision:.3f} / {full.recall:.3f}   |  {plain.false_hits} → {full.false_hits}")  # fmt: skip
-    return lines
+    return [f"{len(pairs)} labelled pairs (verification alone: {verify_us:.0f} µs per candidate)",
+            *class_table(pairs, hits, cosines(pairs, embed)).splitlines()]  # fmt: skip
 
 
 def report(results: dict[int, dict[str, Latency]], degraded: Latency, quality: list[str]) -> None:
@@ -300,6 +291,6 @@ def report(results: dict[int, dict[str, Latency]], degraded: Latency, quality: l
             ratio = "" if name.startswith("raw") else f"   ratio p50 {latency.p50_ms / baseline.p50_ms:4.1f}×"
             print(f"    {name:26} {latency}{ratio}")
     print(f"  Redis hung, circuit open: degraded miss {degraded}")
-    print("\nQuality (tests/data/cache_pairs.jsonl):")
+    print("\nQuality (tests/data/cache_pairs*.jsonl):")
     for line in quality:
         print("  " + line)

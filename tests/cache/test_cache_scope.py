@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from google.protobuf.json_format import ParseDict
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.router.v1 import openai_pb2
 
 from services.common.cache_scope import cache_scope, normalize_prompt, weights_identity
+from services.launcher.envoy_config import render_envoy_config
+from services.router.caching import CacheTenancy, tenant_of
+from tests.fixtures.parts import DESCRIPTOR_SET, ENVOY_TEMPLATE
 
 
 def chat(**fields: Any) -> openai_pb2.CreateChatCompletionRequest:
@@ -199,3 +204,30 @@ def test_the_router_may_name_the_resolved_model() -> None:
         cache_scope(request, model="HuggingFaceTB/SmolLM2-135M-Instruct-GGUF/Q4_1").scope
         != cache_scope(request).scope
     )
+
+
+def test_keys_share_the_cache_only_when_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LMC_CACHE_SHARED_ACROSS_KEYS", raising=False)
+    assert not CacheTenancy().shared_across_keys
+    monkeypatch.setenv("LMC_CACHE_SHARED_ACROSS_KEYS", "true")
+    assert CacheTenancy().shared_across_keys
+    assert tenant_of((("lmc-client", "key-0a1b"), ("user-agent", "x"))) == "key-0a1b"
+    assert tenant_of(()) == tenant_of(None) == ""
+
+
+def test_envoy_forwards_a_hash_of_the_key_never_the_key(tmp_path: Path) -> None:
+    keys = ["sk-alpha-123", "sk-beta-456"]
+    rendered = render_envoy_config(ENVOY_TEMPLATE, tmp_path / "envoy.yaml", http_port=0, admin_port=0,
+                                   descriptor_set=DESCRIPTOR_SET, api_keys=keys)  # fmt: skip
+    config = yaml.safe_load(rendered.read_text())
+    listener = config["static_resources"]["listeners"][0]
+    manager = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    auth = next(f for f in manager["http_filters"] if f["name"] == "envoy.filters.http.api_key_auth")
+    settings = auth["typed_config"]
+    assert settings["forwarding"] == {"hide_credentials": True, "header": "lmc-client"}
+    clients = [credential["client"] for credential in settings["credentials"]]
+    assert len(set(clients)) == 2 and all(key not in client for key in keys for client in clients)
+    # A key's client id does not depend on the other keys: removing one never hands its entries over.
+    alone = render_envoy_config(ENVOY_TEMPLATE, tmp_path / "alone.yaml", http_port=0, admin_port=0,
+                                descriptor_set=DESCRIPTOR_SET, api_keys=keys[1:])  # fmt: skip
+    assert clients[1] in alone.read_text()

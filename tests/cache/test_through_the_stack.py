@@ -1,0 +1,148 @@
+"""The cache through the whole product (Envoy, Router, Embedding, Cache, Redis Stack, llama-server):
+counters that match what clients saw, reporting a wrong answer, tenants, and a model file swap."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from lmcluster.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
+
+from tests.fixtures.parts import REPO_ROOT
+from tests.fixtures.stack import DEMO_FILE, DEMO_PUBLISHER, DEMO_REPO, Stack, running_stack
+from tests.router.end_to_end_support import (
+    HTTP_TIMEOUT,
+    assert_openai_error,
+    chat_body,
+    client,
+    post_until_hit,
+    system_prompt,
+    until,
+)
+
+KEYS = ("sk-lmc-tenant-one", "sk-lmc-tenant-two")
+SWAP_WAIT = 180.0
+
+
+def cache_stats(stack: Stack) -> cache_service_pb2.GetStatsResponse:
+    with grpc.insecure_channel(stack.cache) as channel:
+        return cache_service_pb2_grpc.CacheServiceStub(channel).GetStats(cache_service_pb2.GetStatsRequest(), timeout=10)
+
+
+def test_the_cache_counts_one_lookup_per_request_as_clients_saw_it(stack: Stack) -> None:
+    system = system_prompt()
+    seen: Counter[str] = Counter()
+
+    def ask(http: httpx.Client, question: str, **extra: object) -> httpx.Response:
+        response = http.post("/v1/chat/completions", json=chat_body(question, system=system, **extra))
+        assert response.status_code == 200, response.text
+        status = response.headers["x-lmc-cache"]
+        seen[status if status != "hit" else response.headers["x-lmc-cache-kind"]] += 1
+        return response
+
+    before = cache_stats(stack)
+    with client(stack) as http:
+        ask(http, "What is the capital of Peru?")
+        until(lambda: ask(http, "What is the capital of Peru?").headers["x-lmc-cache"] == "hit", 30, "stored answer")
+        ask(http, "what is the capital of peru")
+        ask(http, "Hi! What's the capital of Peru? Thanks.")
+        ask(http, "What is the capital of Chile?")
+        ask(http, "Who did Acme sue?")
+        ask(http, "Who sued Acme?")
+        ask(http, "What is the capital of Peru?", cache={"skip_lookup": True})
+    after = cache_stats(stack)
+    assert seen["exact"] >= 3 and seen["miss"] >= 4 and seen["bypass"] == 1, seen
+    assert after.exact_hits - before.exact_hits == seen["exact"]
+    assert after.semantic_hits - before.semantic_hits == seen["semantic"]
+    assert after.misses - before.misses == seen["miss"]
+
+
+def test_a_wrong_answer_is_reported_and_gone(stack: Stack) -> None:
+    body = chat_body("Name the largest moon of Saturn.", system=system_prompt())
+    with client(stack) as http:
+        http.post("/v1/chat/completions", json=body)
+        hit = post_until_hit(http, "/v1/chat/completions", body)
+        entry = hit.headers["x-lmc-cache-entry"]
+        assert entry
+        deleted = http.delete(f"/v1/cache/entries/{entry}")
+        assert deleted.status_code == 200, deleted.text
+        assert deleted.json()["id"] == entry and deleted.json()["deleted"] is True
+        assert http.post("/v1/chat/completions", json=body).headers["x-lmc-cache"] == "miss"
+        assert_openai_error(http.delete(f"/v1/cache/entries/{entry}"), 404, "cache_entry_not_found")
+        assert_openai_error(http.delete("/v1/cache/entries/not-an-entry"), 404, "cache_entry_not_found")
+        # The CLI does the same, on the Cache's address.
+        again = post_until_hit(http, "/v1/chat/completions", body).headers["x-lmc-cache-entry"]
+    forget = [sys.executable, "-m", "services.cli.main", "cache", "forget", again, "--cache", stack.cache]
+    done = subprocess.run(forget, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert subprocess.run(forget, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60).returncode == 1
+    metrics = httpx.get(stack.metrics["cache"], timeout=10).text
+    reported = [line for line in metrics.splitlines() if line.startswith("lmc_cache_wrong_answers_reported_total")]
+    assert reported and float(reported[0].split()[-1]) >= 2
+    assert cache_stats(stack).wrong_answers_reported >= 2
+
+
+@pytest.fixture(scope="module")
+def keyed_stack(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, demo_model: Path) -> Iterator[Stack]:
+    """A stack with two API keys, on a models folder of its own holding a copy of the demo model."""
+    models = tmp_path_factory.mktemp("own-models")
+    folder = models / DEMO_PUBLISHER / DEMO_REPO
+    folder.mkdir(parents=True)
+    shutil.copyfile(demo_model, folder / DEMO_FILE)
+    with running_stack(
+        tmp_path_factory.mktemp("keyed-cache-stack"), redis_url=redis_stack, models_dir=models,
+        env={"LMC_API_KEYS": ",".join(KEYS)},
+    ) as stack:  # fmt: skip
+        yield stack
+
+
+def keyed(stack: Stack, key: str) -> httpx.Client:
+    return httpx.Client(base_url=stack.http_url, timeout=HTTP_TIMEOUT, headers={"authorization": f"Bearer {key}"})
+
+
+def test_one_key_never_gets_another_keys_answer(keyed_stack: Stack) -> None:
+    body = chat_body("What is the tallest tree species?", system=system_prompt())
+    with keyed(keyed_stack, KEYS[0]) as first, keyed(keyed_stack, KEYS[1]) as second:
+        first.post("/v1/chat/completions", json=body)
+        mine = post_until_hit(first, "/v1/chat/completions", body)
+        theirs = second.post("/v1/chat/completions", json=body)
+        assert theirs.status_code == 200, theirs.text
+        assert theirs.headers["x-lmc-cache"] == "miss"
+        own = post_until_hit(second, "/v1/chat/completions", body)
+        assert own.headers["x-lmc-cache-entry"] != mine.headers["x-lmc-cache-entry"]
+        assert second.delete(f"/v1/cache/entries/{own.headers['x-lmc-cache-entry']}").status_code == 200
+    with httpx.Client(base_url=keyed_stack.http_url, timeout=HTTP_TIMEOUT) as anonymous:
+        assert_openai_error(anonymous.delete(f"/v1/cache/entries/{mine.headers['x-lmc-cache-entry']}"), 401)
+
+
+def test_a_swapped_model_file_never_serves_the_old_answers(keyed_stack: Stack) -> None:
+    body = chat_body("Describe a rainbow in five words.", system=system_prompt())
+    model_file = keyed_stack.models_dir / DEMO_PUBLISHER / DEMO_REPO / DEMO_FILE
+    with keyed(keyed_stack, KEYS[0]) as http:
+        http.post("/v1/chat/completions", json=body)
+        old_entry = post_until_hit(http, "/v1/chat/completions", body).headers["x-lmc-cache-entry"]
+        before = {m.id: m.fingerprint for m in keyed_stack.models()}
+        # A new file in place of the old one (same bytes, new file: the Registry's fingerprint changes).
+        replacement = model_file.with_suffix(".partial")
+        shutil.copyfile(model_file, replacement)
+        os.replace(replacement, model_file)
+        until(lambda: {m.id: m.fingerprint for m in keyed_stack.models()} != before, SWAP_WAIT, "new fingerprint")
+
+        def answered_fresh() -> bool:
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            return response.headers["x-lmc-cache"] == "miss"
+
+        until(answered_fresh, SWAP_WAIT, "a miss once the new file is known", interval=1.0)
+        for _ in range(5):
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            assert response.headers.get("x-lmc-cache-entry") != old_entry
