@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -41,12 +42,17 @@ class ManagedProcess:
         self._color = color
         self.process: asyncio.subprocess.Process | None = None
         self._pump: asyncio.Task[None] | None = None
+        # The end of its output, to say why it failed.
+        self._tail: deque[str] = deque(maxlen=5)
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
 
     async def start(self) -> None:
+        """Starts the process (again, after it exited: the same spec, a fresh output relay)."""
+        if self._pump is not None:
+            await self._finish_pump()
         env = {**os.environ, **self.spec.env}
         self.process = await asyncio.create_subprocess_exec(
             *dies_with_parent(self.spec.argv),
@@ -62,8 +68,13 @@ class ManagedProcess:
         assert self.process is not None and self.process.stdout is not None
         prefix = f"{self._color}{self.spec.name:>10} |\033[0m " if self._color else f"{self.spec.name:>10} | "
         async for raw in self.process.stdout:
-            sys.stdout.write(prefix + raw.decode(errors="replace").rstrip() + "\n")
+            line = raw.decode(errors="replace").rstrip()
+            self._tail.append(line)
+            sys.stdout.write(prefix + line + "\n")
             sys.stdout.flush()
+
+    def last_lines(self) -> str:
+        return " / ".join(line.strip() for line in self._tail if line.strip())[-600:]
 
     async def wait_ready(self) -> None:
         """Waits for the readiness probe; raises if the process exits first or the timeout passes."""

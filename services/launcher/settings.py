@@ -8,6 +8,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.common.settings import default_models_dir
+from services.launcher.supervision import RestartPolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEMO_MODELS_DIR = REPO_ROOT / ".lmc" / "demo-models"
@@ -40,9 +41,26 @@ class StackSettings(BaseSettings):
         validation_alias=AliasChoices("LMC_SUPERVISOR_SCRAPE_TARGETS_FILE"),
         description="Where the Supervisor writes its Prometheus targets; default: <run_dir>/prometheus/llama-servers.json.",
     )
+    launcher_metrics_port: int = Field(
+        9150, ge=0, le=65535, description="The launcher's /metrics (restarts per part) on loopback; 0: none."
+    )
+    restart_backoff_initial_seconds: float = Field(0.5, ge=0, description="Delay before a part's first restart.")
+    restart_backoff_max_seconds: float = Field(30.0, ge=0, description="Largest delay between restarts.")
+    crash_loop_limit: int = Field(
+        5, ge=0, description="Exits of one part within the window beyond which the stack stops (a crash loop)."
+    )
+    crash_loop_window_seconds: float = Field(120.0, gt=0, description="The window the crash-loop limit counts in.")
     run_dir: Path = Field(REPO_ROOT / ".lmc" / "run", description="Rendered configs and Redis data.")
     envoy_template: Path = REPO_ROOT / "envoy.yaml"
     descriptor_set: Path = REPO_ROOT / "gen" / "lmcluster.pb"
+
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(
+            initial_delay=self.restart_backoff_initial_seconds,
+            max_delay=self.restart_backoff_max_seconds,
+            crash_loop_limit=self.crash_loop_limit,
+            crash_loop_window=self.crash_loop_window_seconds,
+        )
 
     def effective_models_dir(self) -> Path:
         """The configured folder, else the demo folder if set-up made it, else PRODUCT.md's default."""

@@ -1,8 +1,11 @@
 """`lmcluster up`: every part of the stack in the foreground, in dependency order.
 
 Parts start one after the other, each only once the one before answers its readiness probe, and
-stop in reverse order on Ctrl-C or SIGTERM. If any part exits on its own, the whole stack stops
-with its exit code, so a broken part is never hidden behind a running Envoy.
+stop in reverse order on Ctrl-C or SIGTERM. A part that exits on its own is restarted (backoff with
+jitter, services/launcher/supervision.py) while the others keep serving; the stack stops by itself
+only when a part crash-loops, naming it and why, so a broken part is never hidden behind a running
+Envoy either. A part that fails its very first start stops the stack at once: that is a
+configuration fault, not a crash.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ from typing import Any
 from urllib.parse import urlparse
 
 from rich.console import Console
+from rich.markup import escape
 
 from services.common import binaries
+from services.common.metrics import serve_metrics
 from services.common.telemetry import TelemetrySettings
 from services.launcher import probes
 from services.launcher.envoy_config import render_envoy_config
 from services.launcher.process import ManagedProcess, ProcessSpec
 from services.launcher.settings import StackSettings
+from services.launcher.supervision import CrashLoop, PartSupervisor, RestartPolicy
 
 log = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -113,7 +119,7 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
 
 
 async def run_stack(settings: StackSettings) -> int:
-    """Starts every part, waits for a signal or a part's exit, stops everything; returns an exit code."""
+    """Starts every part, keeps them running until a signal or a crash loop, stops everything; an exit code."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -132,8 +138,9 @@ async def run_stack(settings: StackSettings) -> int:
                 await _race(part.wait_ready(), stop)
             console.print(f"[green]✔[/] {spec.name} ready (pid {part.pid})")
         if not stop.is_set():
+            _serve_launcher_metrics(settings)
             _print_endpoints(settings)
-            exit_code = await _until_stop_or_exit(running, stop)
+            exit_code = await _supervise(running, settings.restart_policy(), stop)
     except RuntimeError as error:
         console.print(f"[red]✘ {error}[/]")
         exit_code = 1
@@ -159,19 +166,34 @@ async def _race(work: Coroutine[Any, Any, None], stop: asyncio.Event) -> None:
         task.result()
 
 
-async def _until_stop_or_exit(running: list[ManagedProcess], stop: asyncio.Event) -> int:
-    waits = {asyncio.create_task(part.wait()): part for part in running}
-    stopper = asyncio.create_task(stop.wait())
-    done, pending = await asyncio.wait({*waits, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    exited = [waits[task] for task in done if task in waits]
-    if exited:
-        part = exited[0]
-        code = part.process.returncode if part.process else 1
-        console.print(f"[red]✘ {part.spec.name} exited with code {code}; stopping the stack[/]")
-        return code or 1
-    return 0
+async def _supervise(running: list[ManagedProcess], policy: RestartPolicy, stop: asyncio.Event) -> int:
+    """Restarts parts that exit until `stop` is set (0) or one crash-loops (1)."""
+    def say(text: str) -> None:
+        console.print(text, soft_wrap=True)
+
+    supervisors = [PartSupervisor(part, policy, stop, say) for part in running]
+    tasks = [asyncio.create_task(s.run(), name=f"supervise-{s.name}") for s in supervisors]
+    try:
+        for finished in asyncio.as_completed(tasks):
+            try:
+                await finished
+            except CrashLoop as error:
+                console.print(f"[red]✘ {escape(str(error))}; stopping the stack[/]", soft_wrap=True)
+                return 1
+        return 0
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _serve_launcher_metrics(settings: StackSettings) -> None:
+    """The launcher's own /metrics (restarts per part); a port in use is logged, not fatal."""
+    try:
+        serve_metrics("127.0.0.1", settings.launcher_metrics_port)
+    except OSError as error:
+        log.warning("launcher metrics not served on port %d: %s", settings.launcher_metrics_port, error)
 
 
 def _print_endpoints(settings: StackSettings) -> None:

@@ -6,7 +6,9 @@ routed across the quantization variants of that model; a full variant id pins th
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lmcluster.registry.v1 import registry_pb2, registry_service_pb2
@@ -32,12 +34,14 @@ class ModelCatalog:
         self._names: dict[str, str] = {}
         self.revision = 0
         self.synced = False
+        self._synced = asyncio.Event()
 
     def apply(self, message: registry_service_pb2.WatchModelsResponse) -> None:
         kind = message.WhichOneof("update")
         if kind == "snapshot":
             self._models = {m.id: m for m in message.snapshot.models}
             self.synced = True
+            self._synced.set()
         elif kind == "event":
             event = message.event
             if event.type == registry_service_pb2.MODEL_EVENT_TYPE_REMOVED:
@@ -58,6 +62,16 @@ class ModelCatalog:
                 names.setdefault(model.alias.lower(), model.id)
         self._names = names
 
+    async def wait_synced(self, timeout: float) -> bool:
+        """Waits (bounded) for the Registry's first snapshot: a Router just (re)started is not yet an error."""
+        if not self.synced:
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._synced.wait()
+            except TimeoutError:
+                return False
+        return True
+
     def get(self, model_id: str) -> registry_pb2.Model | None:
         return self._models.get(model_id)
 
@@ -67,29 +81,36 @@ class ModelCatalog:
         order = {v.model_id: i for m in variants for i, v in enumerate(m.variants)}
         return sorted(variants, key=lambda m: (order.get(m.id, len(order)), -m.size_bytes))
 
-    def resolve(self, name: str) -> ModelRoute:
-        """Raises ModelNotFound for a name nobody knows, ModelUnavailable for a model not READY."""
+    def resolve(self, name: str, serving: Callable[[str], bool] = lambda _model_id: False) -> ModelRoute:
+        """Raises ModelNotFound for a name nobody knows, ModelUnavailable for a model with nothing to serve.
+
+        `serving(model_id)` tells whether a backend already serves the model: such a model stays
+        routable while the Registry re-checks its file (DOWNLOADING) or finds a new one INVALID,
+        because the backend keeps the weights it loaded.
+        """
         key = name.strip()
         model_id = self._names.get(key) or self._names.get(key.lower())
         if model_id is None:
             base = [m for m in self._models.values() if m.base_id and m.base_id.lower() == key.lower()]
             if not base:
                 raise ModelNotFound(f"The model `{name}` does not exist. GET /v1/models lists the models.", param="model")
-            ready = [m.id for m in self._base_variants(base[0].base_id) if m.state == READY]
+            ready = [m.id for m in self._base_variants(base[0].base_id) if m.state == READY or serving(m.id)]
             if not ready:
                 raise ModelUnavailable(f"No variant of `{name}` is ready to serve.", param="model")
             return ModelRoute(name, tuple(ready), pinned=False)
         model = self._models[model_id]
-        if model.state != READY:
+        if model.state != READY and not serving(model_id):
             state = registry_pb2.ModelState.Name(model.state).removeprefix("MODEL_STATE_")
             raise ModelUnavailable(f"The model `{name}` is {state}: {model.reason or 'not ready'}", param="model")
         return ModelRoute(name, (model_id,), pinned=True)
 
-    def list_models(self) -> router_service_pb2.ListModelsResponse:
+    def list_models(
+        self, serving: Callable[[str], bool] = lambda _model_id: False
+    ) -> router_service_pb2.ListModelsResponse:
         response = router_service_pb2.ListModelsResponse(object="list")
         seen: set[str] = set()
         for model in sorted(self._models.values(), key=lambda m: m.id):
-            if model.kind != registry_pb2.MODEL_KIND_LLM or model.state != READY:
+            if model.kind != registry_pb2.MODEL_KIND_LLM or (model.state != READY and not serving(model.id)):
                 continue
             variants = [v.model_id for v in model.variants if v.model_id != model.id]
             created = int(model.discovered_at.seconds or time.time())

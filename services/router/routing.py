@@ -24,6 +24,7 @@ from services.router import metrics
 from services.router.errors import Overloaded
 
 READY = supervisor_pb2.BACKEND_STATE_READY
+DRAINING = supervisor_pb2.BACKEND_STATE_DRAINING
 EVENT = supervisor_service_pb2
 
 
@@ -118,8 +119,14 @@ class RoutingTable:
     def backends_of(self, model_id: str) -> list[BackendLoad]:
         return [load for load in self._loads.values() if load.backend.model_id == model_id]
 
-    def has_ready(self, model_ids: tuple[str, ...]) -> bool:
-        return any(load.usable for m in model_ids for load in self.backends_of(m))
+    def serves(self, model_id: str) -> bool:
+        """Some backend of the model is READY (also one paused after a failure: it is coming back)."""
+        return any(load.backend.state == READY for load in self.backends_of(model_id))
+
+    def has_ready(self, model_ids: tuple[str, ...], *, exclude: set[str] | frozenset[str] = frozenset()) -> bool:
+        return any(
+            load.usable and load.backend.id not in exclude for m in model_ids for load in self.backends_of(m)
+        )
 
     def snapshot(self) -> list[BackendLoad]:
         return list(self._loads.values())
@@ -135,7 +142,25 @@ class RoutingTable:
             ]
             if candidates:
                 return min(candidates, key=lambda load: load.outstanding / load.capacity)
-        return None
+        candidates = [
+            load
+            for load in self._draining_only(model_ids)
+            if load.outstanding < load.capacity and load.backend.id not in exclude and time.monotonic() >= load.avoid_until
+        ]
+        return min(candidates, key=lambda load: load.outstanding / load.capacity) if candidates else None
+
+    def _draining_only(self, model_ids: tuple[str, ...]) -> list[BackendLoad]:
+        """DRAINING backends of models that have no READY one: a removed model's, or one stopped
+        with a gap. Requests the Router already accepted finish there; while a READY backend
+        exists (a swap), a draining one gets nothing new, or a busy swap would never finish."""
+        loads = [load for m in model_ids for load in self.backends_of(m)]
+        if any(load.backend.state == READY for load in loads):
+            return []
+        return [load for load in loads if load.backend.state == DRAINING]
+
+    def can_serve(self, model_ids: tuple[str, ...]) -> bool:
+        """A usable READY backend, or a draining one that still finishes accepted requests."""
+        return self.has_ready(model_ids) or bool(self._draining_only(model_ids))
 
     @contextlib.asynccontextmanager
     async def lease(self, model_ids: tuple[str, ...], *, exclude: frozenset[str] = frozenset()) -> AsyncIterator[Lease]:

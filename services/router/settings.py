@@ -26,6 +26,17 @@ class RouterSettings(ServiceSettings):
     first_token_timeout_seconds: float = Field(120.0, gt=0, description="From sending to the first token.")
     token_timeout_seconds: float = Field(60.0, gt=0, description="Longest silence between two tokens.")
     cold_start_timeout_seconds: float = Field(300.0, gt=0, description="EnsureBackend for a cold model.")
+    startup_wait_seconds: float = Field(
+        15.0, ge=0, description="A request to a Router that has not yet heard from the Registry waits this long."
+    )
+    recovery_wait_seconds: float = Field(
+        30.0,
+        ge=0,
+        description=(
+            "A request that has not started streaming waits this long for the stack to heal (a restarting "
+            "Supervisor, crashed backends being restarted) before it fails."
+        ),
+    )
 
     # A waiting request costs the Router almost nothing, and a client that waits is better served than
     # one refused: 200 users on one small backend must all be answered (tests/bench/bench_stack.py).

@@ -184,6 +184,8 @@ class Backend:
         # Preloaded backends are not unloaded when idle.
         self.pinned = False
         self.estimate: MemoryEstimate = memory_estimate(model, settings)
+        # Set while the model's file on disk differs from the loaded one without replacing it.
+        self.file_notice = ""
 
         self._stderr: deque[str] = deque(maxlen=STDERR_LINES)
         self._changed = asyncio.Event()
@@ -247,6 +249,7 @@ class Backend:
             command=self.plan.argv if self.plan else [],
             memory_estimate_bytes=self.estimate.total,
             model_fingerprint=self.model.fingerprint.header_sha256,
+            file_notice=self.file_notice,
         )
         for name, seconds in (
             ("started_at", self.started_at),
@@ -271,6 +274,12 @@ class Backend:
         self._changed.set()
         self._changed = asyncio.Event()
         self._on_change(self)
+
+    def note_file(self, notice: str) -> None:
+        """Says why the backend keeps its loaded file (empty: the file on disk is the loaded one)."""
+        if notice != self.file_notice:
+            self.file_notice = notice
+            self._notify()
 
     def mark_used(self) -> None:
         self.last_used_at = time.time()

@@ -53,6 +53,8 @@ def backends_table(reply: pb.ListBackendsResponse, now: float | None = None) -> 
         )
         ready_at = backend.ready_at.ToNanoseconds() / 1e9 if backend.HasField("ready_at") else 0.0
         error = backend.last_error.splitlines()[-1] if backend.last_error else ""
+        # A backend that keeps an older file than the one on disk says why, before any old error.
+        error = backend.file_notice or error
         table.add_row(
             backend.alias or backend.model_id,
             backend.variant,

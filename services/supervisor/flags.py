@@ -105,6 +105,11 @@ def build_command(
     )
     if settings.gpu_layers:
         add(["--n-gpu-layers", settings.gpu_layers], "layers offloaded to the GPU, as configured")
+    if not settings.mmap:
+        add(
+            ["--load-mode", "none"],
+            "no mmap: the weights are read into memory, so a model file rewritten in place cannot change under a running backend",
+        )
     add(["--cache-ram", str(settings.prompt_cache_mib)], "bounded host-memory prompt cache (MiB)")
     add(["--metrics"], "Prometheus /metrics: busy slots and use, scraped too")
     add(["--slots"], "/slots: per-slot context and which slots are processing (draining)")

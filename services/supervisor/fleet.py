@@ -185,7 +185,9 @@ class Fleet:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.registry_synced.wait(), self.settings.registry_wait_seconds)
         model = self.resolve(reference, variant)
-        self.check_servable(model)
+        if not any(b.state == READY for b in self.backends_of(model.id)):
+            # A READY backend keeps serving while its file is re-checked or replaced by a bad one.
+            self.check_servable(model)
         while True:
             backends = self.backends_of(model.id)
             ready = [b for b in backends if b.state == READY]
@@ -424,17 +426,25 @@ class Fleet:
     def _model_seen(self, model: registry_pb2.Model) -> None:
         self.models[model.id] = model
         live = [b for b in self.backends_of(model.id) if b.live and b.state != DRAINING]
-        if not live or all(b.model.fingerprint == model.fingerprint for b in live):
+        if not live:
+            return
+        if all(b.model.fingerprint == model.fingerprint for b in live) and model.state == registry_pb2.MODEL_STATE_READY:
+            for backend in live:
+                backend.note_file("")
             return
         if self._broken_files.get(model.id) == model.fingerprint:
             return
         if model.state != registry_pb2.MODEL_STATE_READY:
-            log.warning(
-                "model %s changed on disk and is %s (%s); its backends keep serving the file they loaded",
-                model.id,
-                model_state_name(model.state),
-                model.reason,
-            )
+            # Serving never waits for re-validation: the loaded weights stay until a READY file
+            # replaces them, and an INVALID file never does.
+            state = model_state_name(model.state)
+            notice = f"the file on disk is {state}" + (f": {model.reason}" if model.reason else "")
+            notice += "; serving the file loaded before"
+            if any(b.file_notice != notice for b in live):
+                log.warning("model %s changed on disk: %s", model.id, notice)
+                metrics.KEPT_OLD_FILE.labels(model.id, state.lower()).inc()
+            for backend in live:
+                backend.note_file(notice)
             return
         if model.id not in self._swaps:
             task = asyncio.create_task(self._swap(model.id), name=f"swap-{model.id}")
@@ -482,6 +492,8 @@ class Fleet:
             log.error("the new file of %s did not start (%s); %s keeps serving the old one", model.id, error, old.id)
             # `old` keeps serving until the file changes again, instead of retrying a broken file forever.
             self._broken_files[model.id] = model.fingerprint
+            metrics.KEPT_OLD_FILE.labels(model.id, "failed_to_start").inc()
+            old.note_file(f"the new file did not start ({error}); serving the file loaded before")
             return
         if old.state not in (READY, STARTING):
             # The old one died meanwhile; nothing to switch from.

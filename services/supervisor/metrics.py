@@ -21,6 +21,11 @@ BACKENDS = Gauge("lmc_supervisor_backends", "Backends by state.", ["state"])
 RESTARTS = Counter(
     "lmc_supervisor_backend_restarts_total", "Restarts after a crash or failed health check, by model.", ["model"]
 )
+KEPT_OLD_FILE = Counter(
+    "lmc_supervisor_model_file_kept_total",
+    "Changed model files not swapped in, the running backends keeping the file they loaded, by why.",
+    ["model", "reason"],
+)
 START_SECONDS = Histogram(
     "lmc_supervisor_backend_start_seconds",
     "From spawning llama-server to its first healthy /health.",

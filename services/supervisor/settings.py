@@ -65,6 +65,13 @@ class SupervisorSettings(ServiceSettings):
     gpu_layers: str = Field(
         "", description="`--n-gpu-layers` (a number, 'auto' or 'all'); not passed when empty (CPU)."
     )
+    mmap: bool = Field(
+        False,
+        description=(
+            "Map the model file instead of reading it into memory (`--load-mode none` when off). Off by default: a file "
+            "rewritten in place would change (or truncate) the pages a running backend has mapped."
+        ),
+    )
     prompt_cache_mib: int = Field(
         256, ge=0, description="Host-memory prompt cache per backend (`--cache-ram`, MiB); 0 turns it off."
     )
@@ -96,7 +103,11 @@ class SupervisorSettings(ServiceSettings):
     )
 
     # --- stopping --------------------------------------------------------------------------------
-    drain_timeout_seconds: float = Field(60.0, ge=0, description="Longest wait for in-flight requests.")
+    # A full-length answer on a CPU (thousands of tokens at a few tokens per second) takes minutes;
+    # a drain that gives up first cuts it. Ctrl-C of the whole stack is still bounded by the launcher.
+    drain_timeout_seconds: float = Field(
+        1800.0, ge=0, description="Longest wait for in-flight generations of a replaced or stopped backend."
+    )
     drain_settle_seconds: float = Field(
         1.0, ge=0, description="Wait after DRAINING is announced before checking for idle (routers catch up)."
     )

@@ -62,3 +62,39 @@ def test_stopping_the_launcher_leaves_no_process_behind(
         if sig != signal.SIGKILL:
             assert code == 0, stack.log_tail()
             assert "all stopped" in stack.log_path.read_text()
+
+
+def service_pid(launcher: int, service: str) -> int:
+    """The pid of `lmcluster serve SERVICE` below the launcher."""
+    for pid in descendants(launcher):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if argv[-3:-1] == [b"serve", service.encode()]:
+            return pid
+    raise AssertionError(f"no `serve {service}` below {launcher}")
+
+
+def test_a_part_that_crash_loops_stops_the_stack_and_is_named(
+    tmp_path: Path, redis_stack: str, demo_models_dir: Path
+) -> None:
+    """Below the limit a dead part is restarted; past it the stack stops, saying which part and why."""
+    env = {"LMC_CRASH_LOOP_LIMIT": "1", "LMC_RESTART_BACKOFF_INITIAL_SECONDS": "0.1"}
+    with running_stack(tmp_path / "stack", redis_url=redis_stack, models_dir=demo_models_dir, env=env) as stack:
+        launcher = stack.part.process
+        family = descendants(launcher.pid)
+        first = service_pid(launcher.pid, "cache")
+        os.kill(first, signal.SIGKILL)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while "cache restarted and ready" not in stack.log_path.read_text():
+            assert time.monotonic() < deadline, stack.log_tail()
+            time.sleep(0.2)
+        os.kill(service_pid(launcher.pid, "cache"), signal.SIGKILL)
+        code = launcher.wait(STOP_TIMEOUT)
+        log = stack.log_path.read_text()
+        assert code == 1, stack.log_tail()
+        assert "cache exited with code -9 (SIGKILL): 2 exits within" in log, stack.log_tail()
+        assert "cannot stay up; stopping the stack" in log
+        assert "all stopped" in log
+        assert not wait_all_gone(family)
