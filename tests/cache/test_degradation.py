@@ -19,7 +19,7 @@ from tests.cache.test_cache_service import CHAT_TYPE, chat_answer
 
 RECOVERY_TIMEOUT = 30.0
 PROMPT = "How do I reverse a string in Python?"
-PARAPHRASE = "How can I reverse a string using Python?"
+PARAPHRASE = "In Python, how can I reverse a string?"  # verified equal: a fronted phrase
 
 
 async def wait_until(
