@@ -19,6 +19,7 @@ from redis.commands.search.field import TagField, VectorField
 from redis.commands.search.index_definition import IndexDefinition, IndexType
 from redis.commands.search.query import Query
 
+from services.common import binaries
 from tests.fixtures.parts import (
     DESCRIPTOR_SET,
     ENVOY_TEMPLATE,
@@ -27,6 +28,7 @@ from tests.fixtures.parts import (
     envoy_for_router,
     free_port,
     process_alive,
+    require_part,
     running_part,
 )
 
@@ -111,6 +113,22 @@ def test_redis_stack_answers_a_knn_query_on_an_hnsw_cosine_index(redis_stack: st
     finally:
         search.dropindex(delete_documents=True)
         client.close()
+
+
+@pytest.mark.parametrize("tool", ["llama-server", "llama-quantize", "llama-gguf-split"])
+def test_every_llama_cpp_tool_of_the_build_finds_its_libraries(tool: str) -> None:
+    # Set-up builds only these tools; their shared libraries lie beside them ($ORIGIN rpath).
+    binary = require_part(lambda: binaries.llama_tool(tool))
+    linked = subprocess.run(["ldd", str(binary)], check=True, capture_output=True, text=True, timeout=30).stdout
+    assert "not found" not in linked, linked
+    assert str(binary.parent) in linked, linked  # libllama and libggml from the build itself
+
+
+def test_llama_server_reports_its_version() -> None:
+    server = require_part(binaries.llama_server_binary)
+    result = subprocess.run([str(server), "--version"], check=False, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "version" in (result.stdout + result.stderr)
 
 
 @pytest.mark.slow

