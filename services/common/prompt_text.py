@@ -111,9 +111,11 @@ def _mostly_capitals(text: str) -> bool:
     return bool(cased) and sum(c.isupper() for c in cased) > 0.6 * len(cased)
 
 
-def _word_key(word: str, keep_capitals: bool) -> str:
+def _word_key(word: str, keep_capitals: bool, sentence_start: bool) -> str:
     if keep_capitals and len(word) > 1 and word.isupper():
         return word  # an acronym: "IT" is not "it"
+    if keep_capitals and len(word) == 1 and word.isupper() and word != "I" and not sentence_start:
+        return word  # a letter as a name: "hepatitis A" keeps its "A", which is no article
     key = word.casefold()
     if any(c.isalpha() for c in key):
         key = key.replace("-", "")  # "e-mail" = "email"
@@ -131,7 +133,7 @@ def _prose_tokens(text: str, keep_capitals: bool) -> list[str]:
             if token in _SENTENCE_PAUSES and tokens and tokens[-1] != _PAUSE:
                 tokens.append(_PAUSE)
         elif token[0].isalnum() or token[0] == "_":
-            tokens.append(_word_key(token, keep_capitals))
+            tokens.append(_word_key(token, keep_capitals, not tokens or tokens[-1] == _PAUSE))
         else:
             tokens.append(token)
     return tokens
@@ -208,7 +210,8 @@ _OTHER_LANGUAGE_WORDS = {
 }  # fmt: skip
 _CONTRACTED_NOT = {"can't": ("can", "not"), "cannot": ("can", "not"), "won't": ("will", "not"),
                    "shan't": ("shall", "not"), "ain't": ("is", "not")}  # fmt: skip
-_SUFFIXES = {"'re": "are", "'ve": "have", "'ll": "will", "'m": "am", "'d": "would"}
+# "'d" is left alone: "where'd you go" is "where did", not "where would".
+_SUFFIXES = {"'re": "are", "'ve": "have", "'ll": "will", "'m": "am"}
 _IS_CONTRACTED = {"it", "that", "what", "where", "who", "how", "there", "here", "he", "she", "when", "why", "this"}
 # Contractions written without the apostrophe that are not words of their own.
 _BARE_CONTRACTIONS = {
@@ -222,6 +225,7 @@ _REQUEST_VERBS = set(_REQUEST_VERBS_EN)
 _REQUEST_FRAMES: tuple[tuple[str, ...], ...] = (
     ("can", "you"), ("could", "you"), ("would", "you"), ("will", "you"),
     ("i", "want", "you", "to"), ("i", "need", "you", "to"), ("i", "would", "like", "you", "to"),
+    ("i'd", "like", "you", "to"),
 )  # fmt: skip
 _HOW_TO_FRAMES: tuple[tuple[str, ...], ...] = (
     ("how", "do", "i"), ("how", "can", "i"), ("how", "do", "you"), ("how", "can", "you"),

@@ -29,6 +29,7 @@ HARMLESS: list[tuple[str, str]] = [
     ("Why doesn't ice sink?", "Why does not ice sink?"),
     ("Whats a monad?", "What is a monad?"),
     ("What is an interpreter?", "What is the interpreter?"),
+    ("A list or a tuple, which is faster?", "list or tuple, which is faster?"),
     # a request's framing, a how-to question's framing
     ("Can you summarize the French Revolution?", "Summarize the French Revolution."),
     ("Could you please translate 'cat' into Welsh?", "Translate 'cat' into Welsh."),
@@ -64,6 +65,8 @@ CHANGED: list[tuple[str, str, Reason]] = [
     ("Is it -4 degrees in Oslo?", "Is it 4 degrees in Oslo?", Reason.UNEXPLAINED),
     ("What happened on 3 May 1808?", "What happened on 2 May 1808?", Reason.NUMBER),
     ("What is IT?", "What is it?", Reason.UNEXPLAINED),
+    ("What is hepatitis A?", "What is hepatitis?", Reason.UNEXPLAINED),
+    ("Where'd you go after the party?", "Where would you go after the party?", Reason.UNEXPLAINED),
     # accents are letters: "où" is where, "ou" is or; "sí" is yes, "si" is if
     ("Où est la poste ?", "Ou est la poste ?", Reason.UNEXPLAINED),
     # "a" is an article only in English
