@@ -18,7 +18,9 @@ The Router calls `cache_scope(request)` for every chat or completion request. It
   * the parameters that change the output: temperature, top_p, top_k, min_p, the token limit
     (max_completion_tokens, else max_tokens), stop (as a sorted set), seed, presence_penalty,
     frequency_penalty, logit_bias, logprobs, top_logprobs, tools, tool_choice,
-    parallel_tool_calls, response_format.
+    parallel_tool_calls, response_format, and every other field sent to the backend as it is
+    (llama.cpp's samplers such as repeat_penalty or mirostat, grammar, json_schema, n_probs,
+    reasoning_effort, chat_template_kwargs, ...).
   Texts are hashed exactly as sent (Unicode NFC only): whitespace and case in a system prompt or a
   document can matter (code, poetry, formats), so two system prompts that differ by a space are two
   scopes. JSON objects (tools, response_format, logit_bias) are hashed with sorted keys, so key
@@ -162,6 +164,9 @@ def _message_document(message: openai_pb2.ChatMessage) -> dict[str, Any]:
         document["tool_calls"] = [_texts(_plain(call)) for call in message.tool_calls]
     if message.tool_call_id:
         document["tool_call_id"] = message.tool_call_id
+    for name in ("reasoning_content", "refusal"):  # given back to the chat template
+        if message.HasField(name):
+            document[name] = _nfc(getattr(message, name))
     return document
 
 
@@ -184,6 +189,15 @@ def _value(request: Message, name: str) -> Any:
     if not request.HasField(name):
         return None
     return _texts(_plain(getattr(request, name)))
+
+
+# Fields that are not generation parameters: the conversation (hashed above), the token limit
+# (as `max_tokens`), delivery, the cache's own options and OpenAI bookkeeping no backend sees.
+_NOT_SAMPLING = frozenset({
+    "model", "messages", "prompt", "suffix", "echo", "max_completion_tokens", "n", "best_of", "stream",
+    "stream_options", "user", "cache", "store", "metadata", "service_tier", "modalities", "prediction",
+    "prompt_cache_key", "safety_identifier",
+})  # fmt: skip
 
 
 def _sampling(request: ScopedRequest) -> dict[str, Any]:
@@ -213,6 +227,12 @@ def _sampling(request: ScopedRequest) -> dict[str, Any]:
     else:
         sampling["max_tokens"] = _optional(request, "max_tokens")
         sampling["logprobs"] = _optional(request, "logprobs")
+    # Every other field the backend gets changes its answer too (llama.cpp's samplers, grammar,
+    # json_schema, reasoning_effort, chat_template_kwargs, ...): in, as sent.
+    plain = _plain(request)
+    for field, _ in request.ListFields():
+        if field.name not in sampling and field.name not in _NOT_SAMPLING:
+            sampling[field.name] = _texts(plain[field.name])
     return {name: value for name, value in sampling.items() if value is not None}
 
 

@@ -8,9 +8,12 @@ additions such as `timings`. Validation happens here too, before any backend is 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from lmcluster.registry.v1 import registry_pb2
 from lmcluster.router.v1 import openai_pb2 as pb
 
 from services.router.errors import InvalidRequest
@@ -20,16 +23,41 @@ CompletionRequest = pb.CreateCompletionRequest
 GenerationRequest = ChatRequest | CompletionRequest
 
 _ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
-# Fields that are lmcluster's or the router's business, never llama-server's.
-_NOT_FORWARDED = {"cache", "model", "user", "stream", "stream_options", "n", "best_of"}
+# Fields that are lmcluster's or the Router's business, or OpenAI's own bookkeeping (accepted, with
+# nothing to do here), never llama-server's.
+_NOT_FORWARDED = {
+    "cache", "model", "user", "stream", "stream_options", "n", "best_of",
+    "store", "metadata", "service_tier", "modalities", "prediction", "prompt_cache_key", "safety_identifier",
+}  # fmt: skip
+# OpenAI chat fields no backend here can honour: refused, never ignored.
+_UNSUPPORTED = {
+    "audio": "audio output is not supported; this API answers with text",
+    "web_search_options": "web search is not supported",
+    "verbosity": "`verbosity` is not supported by these models; bound the answer with `max_completion_tokens`",
+    "functions": "`functions` is deprecated and not supported; send `tools`",
+    "function_call": "`function_call` is deprecated and not supported; send `tool_choice`",
+}
+_SERVICE_TIERS = {"", "auto", "default"}
 _RANGES = {
     "temperature": (0.0, 2.0),
     "top_p": (0.0, 1.0),
     "presence_penalty": (-2.0, 2.0),
     "frequency_penalty": (-2.0, 2.0),
     "min_p": (0.0, 1.0),
+    "typical_p": (0.0, 1.0),
+    "repeat_penalty": (0.0, math.inf),
+    "xtc_probability": (0.0, 1.0),
+    "xtc_threshold": (0.0, 1.0),
+    "dry_multiplier": (0.0, math.inf),
+    "mirostat_tau": (0.0, math.inf),
+    "mirostat_eta": (0.0, math.inf),
 }
+# Integer fields that must not be negative (the max_* ones must be positive).
+_COUNTS = ("max_tokens", "max_completion_tokens", "top_k", "top_logprobs", "logprobs", "best_of", "n_probs", "min_keep",
+           "dry_allowed_length", "n_indent")  # fmt: skip
 MAX_STOP_SEQUENCES = 4
+# Content-part types that need a multimodal projector, and what a person calls them.
+_MEDIA_PARTS = {"image_url": "images", "input_image": "images", "input_audio": "audio", "file": "files"}
 
 
 def to_dict(message: Any) -> dict[str, Any]:
@@ -48,23 +76,85 @@ def validate(request: GenerationRequest) -> None:
     """Raises InvalidRequest naming the field for anything a backend must not see."""
     if not request.model.strip():
         raise InvalidRequest("`model` is required (see GET /v1/models)", param="model")
-    for field, (low, high) in _RANGES.items():
-        if request.HasField(field):
-            value = getattr(request, field)
+    for field in request.DESCRIPTOR.fields:
+        if field.type == FieldDescriptor.TYPE_DOUBLE and request.HasField(field.name):
+            value = getattr(request, field.name)
+            low, high = _RANGES.get(field.name, (-math.inf, math.inf))
             if not math.isfinite(value) or not low <= value <= high:
-                raise InvalidRequest(f"`{field}` must be between {low} and {high}, got {value}", param=field)
+                raise InvalidRequest(f"`{field.name}` must be {_limits(low, high)}, got {value}", param=field.name)
     if request.HasField("n") and request.n != 1:
         raise InvalidRequest("`n` other than 1 is not supported; send separate requests", param="n")
-    for field in ("max_tokens", "max_completion_tokens", "top_k", "top_logprobs", "logprobs", "best_of"):
+    for field in _COUNTS:
         if field in request.DESCRIPTOR.fields_by_name and request.HasField(field):
             value = getattr(request, field)
             if isinstance(value, int) and value < (1 if field.startswith("max_") else 0):
                 raise InvalidRequest(f"`{field}` must be positive, got {value}", param=field)
+    if request.HasField("mirostat") and request.mirostat not in (0, 1, 2):
+        raise InvalidRequest(f"`mirostat` must be 0, 1 or 2, got {request.mirostat}", param="mirostat")
+    if request.HasField("json_schema") and request.HasField("grammar"):
+        raise InvalidRequest("send either `grammar` or `json_schema`, not both", param="grammar")
     _validate_stop(request)
     if isinstance(request, ChatRequest):
+        _validate_chat_options(request)
         _validate_messages(request)
     else:
         _validate_prompt(request)
+
+
+def _limits(low: float, high: float) -> str:
+    if math.isfinite(high):
+        return f"between {low} and {high}"
+    return f"at least {low}" if math.isfinite(low) else "a finite number"
+
+
+def _validate_chat_options(request: ChatRequest) -> None:
+    for field, why in _UNSUPPORTED.items():
+        present = request.HasField(field) if request.DESCRIPTOR.fields_by_name[field].message_type else bool(getattr(request, field))
+        if present:
+            raise InvalidRequest(why, param=field, code="unsupported_parameter")
+    if request.HasField("store") and request.store:
+        raise InvalidRequest("`store: true` is not supported: answers are not kept for later retrieval", param="store",
+                             code="unsupported_parameter")  # fmt: skip
+    if request.service_tier not in _SERVICE_TIERS:
+        raise InvalidRequest(f"`service_tier` {request.service_tier!r} is not offered; use 'auto' or 'default'",
+                             param="service_tier", code="unsupported_parameter")  # fmt: skip
+    if any(modality != "text" for modality in request.modalities):
+        raise InvalidRequest("only text output is supported: `modalities` must be [\"text\"]", param="modalities",
+                             code="unsupported_parameter")  # fmt: skip
+
+
+def media_kinds(request: GenerationRequest) -> list[str]:
+    """What the request's content parts hold besides text: "images", "audio" or "files"."""
+    if not isinstance(request, ChatRequest):
+        return []
+    kinds: list[str] = []
+    for message in request.messages:
+        if not message.HasField("content") or message.content.WhichOneof("kind") != "list_value":
+            continue
+        for part in message.content.list_value.values:
+            if part.WhichOneof("kind") != "struct_value" or "type" not in part.struct_value.fields:
+                continue
+            kind = _MEDIA_PARTS.get(part.struct_value.fields["type"].string_value)
+            if kind is not None and kind not in kinds:
+                kinds.append(kind)
+    return kinds
+
+
+def check_modalities(request: GenerationRequest, models: Iterable[registry_pb2.Model | None]) -> None:
+    """Raises InvalidRequest when the request holds images or audio and no model it may go to reads them.
+
+    A GGUF model reads images or audio only with a multimodal projector (an `mmproj` file beside
+    it, which the Registry attaches); the backend would fail the request, or answer blind.
+    """
+    kinds = media_kinds(request)
+    if not kinds or any(model is not None and model.projectors for model in models):
+        return
+    raise InvalidRequest(
+        f"The model `{request.model}` takes no {' or '.join(kinds)}: it has no multimodal projector (mmproj); "
+        "send text only, or a model with a projector.",
+        param="messages",
+        code="unsupported_content",
+    )
 
 
 def _validate_stop(request: GenerationRequest) -> None:

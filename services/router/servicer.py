@@ -27,7 +27,7 @@ from lmcluster.router.v1 import router_service_pb2, router_service_pb2_grpc
 from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_pb2_grpc
 
 from services.common import gateway
-from services.router import assembly, codec, metrics, observe
+from services.router import assembly, codec, fields, metrics, observe
 from services.common.cache_scope import weights_identity
 from services.router.caching import AnswerCache, CacheDecision, tenant_of
 from services.router.catalog import ModelCatalog, ModelRoute
@@ -137,6 +137,18 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     ) -> router_service_pb2.ListModelsResponse:
         return self._catalog.list_models()
 
+    async def GetModel(
+        self, request: router_service_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelCard:
+        """The ListModels entry named by id, alias or base id (ids contain slashes)."""
+        name = request.model.strip()
+        cards = (await self.ListModels(router_service_pb2.ListModelsRequest(), context)).data
+        for card in [c for c in cards if c.id == name] or [c for c in cards if c.id.lower() == name.lower()]:
+            return card
+        error = ModelNotFound(f"The model `{request.model}` does not exist. GET /v1/models lists the models.", param="model")
+        await _abort(context, error)
+        raise error  # unreachable: abort raises
+
     async def DeleteCacheEntry(
         self, request: router_service_pb2.DeleteCacheEntryRequest, context: grpc.aio.ServicerContext
     ) -> router_service_pb2.DeleteCacheEntryResponse:
@@ -165,6 +177,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self, request: pb.CreateEmbeddingRequest, context: grpc.aio.ServicerContext
     ) -> pb.CreateEmbeddingResponse:
         try:
+            fields.check_fields(request, context.invocation_metadata())
             texts = _embedding_inputs(request)
             encoding = request.encoding_format or "float"
             if encoding not in ("float", "base64"):
@@ -204,6 +217,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         if not self._catalog.synced:
             raise ModelUnavailable("the Router has not heard from the Registry yet; retry shortly", retry_after=2)
         route = self._catalog.resolve(request.model)
+        codec.check_modalities(request, map(self._catalog.get, route.variant_ids))
         best = self._catalog.get(route.variant_ids[0])
         base_model = (best.base_id if best is not None and not route.pinned else "") or route.variant_ids[0]
         weights = weights_identity(m for m in map(self._catalog.get, route.variant_ids) if m is not None)
@@ -214,6 +228,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         cache_label, result = "none", "error"
         try:
             async with _deadline(context):
+                fields.check_fields(request, context.invocation_metadata())
                 prepared = await self._prepare(api, request, tenant_of(context.invocation_metadata()))
                 cache_label = prepared.decision.status
                 cached = prepared.decision.parse(api.response_type) if prepared.decision.status == "hit" else None
@@ -261,6 +276,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         cache_label, result, sent_any = "none", "error", False
         try:
             async with _deadline(context):
+                fields.check_fields(request, context.invocation_metadata())
                 prepared = await self._prepare(api, request, tenant_of(context.invocation_metadata()))
                 cache_label = prepared.decision.status
                 cached = prepared.decision.parse(api.response_type) if prepared.decision.status == "hit" else None

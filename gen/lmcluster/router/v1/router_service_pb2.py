@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from lmcluster.router.v1 import openai_pb2 as lmcluster_dot_router_dot_v1_dot_openai__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(lmcluster/router/v1/router_service.proto\x12\x13lmcluster.router.v1\x1a\x1cgoogle/api/annotations.proto\x1a lmcluster/router/v1/openai.proto\"\x13\n\x11ListModelsRequest\"(\n\x17\x44\x65leteCacheEntryRequest\x12\r\n\x05\x65ntry\x18\x01 \x01(\t\"G\n\x18\x44\x65leteCacheEntryResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"R\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12,\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1e.lmcluster.router.v1.ModelCard2\x99\x08\n\rRouterService\x12\x9c\x01\n\x14\x43reateChatCompletion\x12\x30.lmcluster.router.v1.CreateChatCompletionRequest\x1a\x31.lmcluster.router.v1.CreateChatCompletionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12\xab\x01\n\x14StreamChatCompletion\x12\x30.lmcluster.router.v1.CreateChatCompletionRequest\x1a\x37.lmcluster.router.v1.CreateChatCompletionStreamResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/chat/completions:stream:\x01*0\x01\x12\x8b\x01\n\x10\x43reateCompletion\x12,.lmcluster.router.v1.CreateCompletionRequest\x1a-.lmcluster.router.v1.CreateCompletionResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*\x12\x9a\x01\n\x10StreamCompletion\x12,.lmcluster.router.v1.CreateCompletionRequest\x1a\x33.lmcluster.router.v1.CreateCompletionStreamResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/completions:stream:\x01*0\x01\x12\x87\x01\n\x0f\x43reateEmbedding\x12+.lmcluster.router.v1.CreateEmbeddingRequest\x1a,.lmcluster.router.v1.CreateEmbeddingResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/embeddings:\x01*\x12q\n\nListModels\x12&.lmcluster.router.v1.ListModelsRequest\x1a\'.lmcluster.router.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12\x92\x01\n\x10\x44\x65leteCacheEntry\x12,.lmcluster.router.v1.DeleteCacheEntryRequest\x1a-.lmcluster.router.v1.DeleteCacheEntryResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/cache/entries/{entry}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(lmcluster/router/v1/router_service.proto\x12\x13lmcluster.router.v1\x1a\x1cgoogle/api/annotations.proto\x1a lmcluster/router/v1/openai.proto\"\x13\n\x11ListModelsRequest\" \n\x0fGetModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"(\n\x17\x44\x65leteCacheEntryRequest\x12\r\n\x05\x65ntry\x18\x01 \x01(\t\"G\n\x18\x44\x65leteCacheEntryResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06object\x18\x02 \x01(\t\x12\x0f\n\x07\x64\x65leted\x18\x03 \x01(\x08\"R\n\x12ListModelsResponse\x12\x0e\n\x06object\x18\x01 \x01(\t\x12,\n\x04\x64\x61ta\x18\x02 \x03(\x0b\x32\x1e.lmcluster.router.v1.ModelCard2\x8a\t\n\rRouterService\x12\x9c\x01\n\x14\x43reateChatCompletion\x12\x30.lmcluster.router.v1.CreateChatCompletionRequest\x1a\x31.lmcluster.router.v1.CreateChatCompletionResponse\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/v1/chat/completions:\x01*\x12\xab\x01\n\x14StreamChatCompletion\x12\x30.lmcluster.router.v1.CreateChatCompletionRequest\x1a\x37.lmcluster.router.v1.CreateChatCompletionStreamResponse\"&\x82\xd3\xe4\x93\x02 \"\x1b/v1/chat/completions:stream:\x01*0\x01\x12\x8b\x01\n\x10\x43reateCompletion\x12,.lmcluster.router.v1.CreateCompletionRequest\x1a-.lmcluster.router.v1.CreateCompletionResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/v1/completions:\x01*\x12\x9a\x01\n\x10StreamCompletion\x12,.lmcluster.router.v1.CreateCompletionRequest\x1a\x33.lmcluster.router.v1.CreateCompletionStreamResponse\"!\x82\xd3\xe4\x93\x02\x1b\"\x16/v1/completions:stream:\x01*0\x01\x12\x87\x01\n\x0f\x43reateEmbedding\x12+.lmcluster.router.v1.CreateEmbeddingRequest\x1a,.lmcluster.router.v1.CreateEmbeddingResponse\"\x19\x82\xd3\xe4\x93\x02\x13\"\x0e/v1/embeddings:\x01*\x12q\n\nListModels\x12&.lmcluster.router.v1.ListModelsRequest\x1a\'.lmcluster.router.v1.ListModelsResponse\"\x12\x82\xd3\xe4\x93\x02\x0c\x12\n/v1/models\x12o\n\x08GetModel\x12$.lmcluster.router.v1.GetModelRequest\x1a\x1e.lmcluster.router.v1.ModelCard\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/v1/models/{model=**}\x12\x92\x01\n\x10\x44\x65leteCacheEntry\x12,.lmcluster.router.v1.DeleteCacheEntryRequest\x1a-.lmcluster.router.v1.DeleteCacheEntryResponse\"!\x82\xd3\xe4\x93\x02\x1b*\x19/v1/cache/entries/{entry}b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,16 +45,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUTERSERVICE'].methods_by_name['CreateEmbedding']._serialized_options = b'\202\323\344\223\002\023\"\016/v1/embeddings:\001*'
   _globals['_ROUTERSERVICE'].methods_by_name['ListModels']._loaded_options = None
   _globals['_ROUTERSERVICE'].methods_by_name['ListModels']._serialized_options = b'\202\323\344\223\002\014\022\n/v1/models'
+  _globals['_ROUTERSERVICE'].methods_by_name['GetModel']._loaded_options = None
+  _globals['_ROUTERSERVICE'].methods_by_name['GetModel']._serialized_options = b'\202\323\344\223\002\027\022\025/v1/models/{model=**}'
   _globals['_ROUTERSERVICE'].methods_by_name['DeleteCacheEntry']._loaded_options = None
   _globals['_ROUTERSERVICE'].methods_by_name['DeleteCacheEntry']._serialized_options = b'\202\323\344\223\002\033*\031/v1/cache/entries/{entry}'
   _globals['_LISTMODELSREQUEST']._serialized_start=129
   _globals['_LISTMODELSREQUEST']._serialized_end=148
-  _globals['_DELETECACHEENTRYREQUEST']._serialized_start=150
-  _globals['_DELETECACHEENTRYREQUEST']._serialized_end=190
-  _globals['_DELETECACHEENTRYRESPONSE']._serialized_start=192
-  _globals['_DELETECACHEENTRYRESPONSE']._serialized_end=263
-  _globals['_LISTMODELSRESPONSE']._serialized_start=265
-  _globals['_LISTMODELSRESPONSE']._serialized_end=347
-  _globals['_ROUTERSERVICE']._serialized_start=350
-  _globals['_ROUTERSERVICE']._serialized_end=1399
+  _globals['_GETMODELREQUEST']._serialized_start=150
+  _globals['_GETMODELREQUEST']._serialized_end=182
+  _globals['_DELETECACHEENTRYREQUEST']._serialized_start=184
+  _globals['_DELETECACHEENTRYREQUEST']._serialized_end=224
+  _globals['_DELETECACHEENTRYRESPONSE']._serialized_start=226
+  _globals['_DELETECACHEENTRYRESPONSE']._serialized_end=297
+  _globals['_LISTMODELSRESPONSE']._serialized_start=299
+  _globals['_LISTMODELSRESPONSE']._serialized_end=381
+  _globals['_ROUTERSERVICE']._serialized_start=384
+  _globals['_ROUTERSERVICE']._serialized_end=1546
 # @@protoc_insertion_point(module_scope)

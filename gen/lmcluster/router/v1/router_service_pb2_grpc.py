@@ -70,6 +70,11 @@ class RouterServiceStub:
                 request_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/lmcluster.router.v1.RouterService/GetModel',
+                request_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.ModelCard.FromString,
+                _registered_method=True)
         self.DeleteCacheEntry = channel.unary_unary(
                 '/lmcluster.router.v1.RouterService/DeleteCacheEntry',
                 request_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.DeleteCacheEntryRequest.SerializeToString,
@@ -129,6 +134,14 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """GetModel describes one model by id, alias or base id, as its entry in ListModels does.
+        Model ids contain slashes: the path takes every segment after /v1/models/.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def DeleteCacheEntry(self, request, context):
         """DeleteCacheEntry removes a cached answer reported wrong (the id from `x-lmc-cache-entry`).
         """
@@ -168,6 +181,11 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.FromString,
                     response_serializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=lmcluster_dot_router_dot_v1_dot_router__service__pb2.GetModelRequest.FromString,
+                    response_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.ModelCard.SerializeToString,
             ),
             'DeleteCacheEntry': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteCacheEntry,
@@ -342,6 +360,33 @@ class RouterService:
             '/lmcluster.router.v1.RouterService/ListModels',
             lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsRequest.SerializeToString,
             lmcluster_dot_router_dot_v1_dot_router__service__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmcluster.router.v1.RouterService/GetModel',
+            lmcluster_dot_router_dot_v1_dot_router__service__pb2.GetModelRequest.SerializeToString,
+            lmcluster_dot_router_dot_v1_dot_openai__pb2.ModelCard.FromString,
             options,
             channel_credentials,
             insecure,

@@ -55,6 +55,10 @@ class RouterServiceStub:
     """CreateEmbedding embeds texts with the Embedding service."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListModelsRequest, _router_service_pb2.ListModelsResponse]
     """ListModels lists every READY model and alias."""
+    GetModel: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.GetModelRequest, _openai_pb2.ModelCard]
+    """GetModel describes one model by id, alias or base id, as its entry in ListModels does.
+    Model ids contain slashes: the path takes every segment after /v1/models/.
+    """
     DeleteCacheEntry: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.DeleteCacheEntryRequest, _router_service_pb2.DeleteCacheEntryResponse]
     """DeleteCacheEntry removes a cached answer reported wrong (the id from `x-lmc-cache-entry`)."""
 
@@ -84,6 +88,10 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """CreateEmbedding embeds texts with the Embedding service."""
     ListModels: _aio.UnaryUnaryMultiCallable[_router_service_pb2.ListModelsRequest, _router_service_pb2.ListModelsResponse]  # type: ignore[assignment]
     """ListModels lists every READY model and alias."""
+    GetModel: _aio.UnaryUnaryMultiCallable[_router_service_pb2.GetModelRequest, _openai_pb2.ModelCard]  # type: ignore[assignment]
+    """GetModel describes one model by id, alias or base id, as its entry in ListModels does.
+    Model ids contain slashes: the path takes every segment after /v1/models/.
+    """
     DeleteCacheEntry: _aio.UnaryUnaryMultiCallable[_router_service_pb2.DeleteCacheEntryRequest, _router_service_pb2.DeleteCacheEntryResponse]  # type: ignore[assignment]
     """DeleteCacheEntry removes a cached answer reported wrong (the id from `x-lmc-cache-entry`)."""
 
@@ -146,6 +154,16 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_service_pb2.ListModelsResponse, _abc.Awaitable[_router_service_pb2.ListModelsResponse]]:
         """ListModels lists every READY model and alias."""
+
+    @_abc_1.abstractmethod
+    def GetModel(
+        self,
+        request: _router_service_pb2.GetModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_openai_pb2.ModelCard, _abc.Awaitable[_openai_pb2.ModelCard]]:
+        """GetModel describes one model by id, alias or base id, as its entry in ListModels does.
+        Model ids contain slashes: the path takes every segment after /v1/models/.
+        """
 
     @_abc_1.abstractmethod
     def DeleteCacheEntry(

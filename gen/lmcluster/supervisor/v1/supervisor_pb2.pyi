@@ -36,7 +36,7 @@ class Slots(_message.Message):
     def __init__(self, total: _Optional[int] = ..., busy: _Optional[int] = ..., context_per_slot: _Optional[int] = ...) -> None: ...
 
 class Backend(_message.Message):
-    __slots__ = ("id", "model_id", "alias", "base_id", "variant", "replica", "endpoint", "metrics_url", "state", "state_reason", "pid", "restart_count", "last_error", "slots", "command", "started_at", "ready_at", "last_used_at", "memory_estimate_bytes", "model_fingerprint")
+    __slots__ = ("id", "model_id", "alias", "base_id", "variant", "replica", "endpoint", "metrics_url", "state", "state_reason", "pid", "restart_count", "last_error", "slots", "command", "started_at", "ready_at", "last_used_at", "memory_estimate_bytes", "model_fingerprint", "file_notice")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +57,7 @@ class Backend(_message.Message):
     LAST_USED_AT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_ESTIMATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    FILE_NOTICE_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_id: str
     alias: str
@@ -77,7 +78,8 @@ class Backend(_message.Message):
     last_used_at: _timestamp_pb2.Timestamp
     memory_estimate_bytes: int
     model_fingerprint: str
-    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., alias: _Optional[str] = ..., base_id: _Optional[str] = ..., variant: _Optional[str] = ..., replica: _Optional[int] = ..., endpoint: _Optional[str] = ..., metrics_url: _Optional[str] = ..., state: _Optional[_Union[BackendState, str]] = ..., state_reason: _Optional[str] = ..., pid: _Optional[int] = ..., restart_count: _Optional[int] = ..., last_error: _Optional[str] = ..., slots: _Optional[_Union[Slots, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., memory_estimate_bytes: _Optional[int] = ..., model_fingerprint: _Optional[str] = ...) -> None: ...
+    file_notice: str
+    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., alias: _Optional[str] = ..., base_id: _Optional[str] = ..., variant: _Optional[str] = ..., replica: _Optional[int] = ..., endpoint: _Optional[str] = ..., metrics_url: _Optional[str] = ..., state: _Optional[_Union[BackendState, str]] = ..., state_reason: _Optional[str] = ..., pid: _Optional[int] = ..., restart_count: _Optional[int] = ..., last_error: _Optional[str] = ..., slots: _Optional[_Union[Slots, _Mapping]] = ..., command: _Optional[_Iterable[str]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ready_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_used_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., memory_estimate_bytes: _Optional[int] = ..., model_fingerprint: _Optional[str] = ..., file_notice: _Optional[str] = ...) -> None: ...
 
 class MemoryBudget(_message.Message):
     __slots__ = ("budget_bytes", "used_bytes")
