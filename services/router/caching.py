@@ -21,6 +21,8 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import Message
 from lmcluster.cache.v1 import cache_pb2, cache_service_pb2, cache_service_pb2_grpc
 from lmcluster.embedding.v1 import embedding_service_pb2, embedding_service_pb2_grpc
+from lmcluster.registry.v1 import registry_pb2
+from lmcluster.supervisor.v1 import supervisor_pb2
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -43,6 +45,19 @@ class CacheTenancy(BaseSettings):
     shared_across_keys: bool = Field(
         False, description="One cache for every API key (public FAQ bots); by default each key has its own."
     )
+
+
+def same_weights(model: registry_pb2.Model | None, backend: supervisor_pb2.Backend | None) -> bool:
+    """Whether the backend that answered runs the file the Registry lists now.
+
+    During a swap the old backend answers until the new one is ready, while lookups already use
+    the new file's scope: its answers must not be cached there.
+    """
+    if model is None or backend is None:
+        return False
+    if not backend.model_fingerprint:
+        return True  # a Supervisor that does not say: the scope's fingerprint is all there is
+    return backend.model_fingerprint == model.fingerprint.header_sha256
 
 
 def tenant_of(metadata: Any) -> str:

@@ -29,7 +29,7 @@ from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_p
 from services.common import gateway
 from services.router import assembly, codec, fields, metrics, observe
 from services.common.cache_scope import weights_identity
-from services.router.caching import AnswerCache, CacheDecision, tenant_of
+from services.router.caching import AnswerCache, CacheDecision, same_weights, tenant_of
 from services.router.catalog import ModelCatalog, ModelRoute
 from services.router.errors import (
     BackendTimeout,
@@ -351,7 +351,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         usage = response.usage  # type: ignore[attr-defined]
         metrics.GENERATED_TOKENS.labels(generation.model_id).inc(usage.completion_tokens)
         metrics.PROMPT_TOKENS.labels(generation.model_id).inc(usage.prompt_tokens)
-        if assembler.finished:
+        backend = next((load.backend for load in self._table.backends_of(generation.model_id)
+                        if load.backend.id == generation.backend_id), None)  # fmt: skip
+        if assembler.finished and same_weights(self._catalog.get(generation.model_id), backend):
             ttl = request.cache.ttl_seconds if request.cache.HasField("ttl_seconds") else None
             self._cache.store_later(prepared.decision, response, generation.model_id, ttl)
 

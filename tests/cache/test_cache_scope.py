@@ -10,10 +10,11 @@ import yaml
 from google.protobuf.json_format import ParseDict
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.router.v1 import openai_pb2
+from lmcluster.supervisor.v1 import supervisor_pb2
 
 from services.common.cache_scope import cache_scope, normalize_prompt, weights_identity
 from services.launcher.envoy_config import render_envoy_config
-from services.router.caching import CacheTenancy, tenant_of
+from services.router.caching import CacheTenancy, same_weights, tenant_of
 from tests.fixtures.parts import DESCRIPTOR_SET, ENVOY_TEMPLATE
 
 
@@ -231,3 +232,11 @@ def test_envoy_forwards_a_hash_of_the_key_never_the_key(tmp_path: Path) -> None:
     alone = render_envoy_config(ENVOY_TEMPLATE, tmp_path / "alone.yaml", http_port=0, admin_port=0,
                                 descriptor_set=DESCRIPTOR_SET, api_keys=keys[1:])  # fmt: skip
     assert clients[1] in alone.read_text()
+
+
+def test_only_a_backend_on_the_listed_file_has_its_answers_cached() -> None:
+    model = fingerprinted("m/q4", "new-header")
+    assert same_weights(model, supervisor_pb2.Backend(id="b", model_fingerprint="new-header"))
+    # The old backend still answering while the new file loads: not cached under the new scope.
+    assert not same_weights(model, supervisor_pb2.Backend(id="b", model_fingerprint="old-header"))
+    assert not same_weights(model, None) and not same_weights(None, supervisor_pb2.Backend(id="b"))
