@@ -324,8 +324,6 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         return cache_service_pb2.LookupResponse(hit=False, rejected=rejected)
 
     def _refusal(self, prompt: str, candidate: Candidate) -> cache_pb2.RejectedCandidate | None:
-        if not self.settings.verify:
-            return None
         verdict = verify(prompt, candidate.prompt)
         if verdict.accepted:
             return None

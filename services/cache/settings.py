@@ -35,8 +35,9 @@ class CacheSettings(ServiceSettings):
         le=1.0,
         description="Lowest threshold a request may ask for (lower ones are raised to it).",
     )
+    # Every candidate is verified against the whole request (services/cache/verification.py); there
+    # is deliberately no setting to serve unverified neighbours.
     candidates: int = Field(4, ge=1, le=50, description="Nearest neighbours fetched and verified per lookup.")
-    verify: bool = Field(True, description="Verify semantic candidates (numbers, negation, order, entities).")
 
     ttl: int = Field(3600, ge=1, description="Default time to live of an entry, in seconds.")
     max_ttl: int = Field(
