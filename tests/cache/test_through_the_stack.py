@@ -16,6 +16,7 @@ import httpx
 import pytest
 from lmcluster.cache.v1 import cache_service_pb2, cache_service_pb2_grpc
 
+from tests.cache.test_quality import Pair, load_pairs
 from tests.fixtures.parts import REPO_ROOT
 from tests.fixtures.stack import DEMO_FILE, DEMO_PUBLISHER, DEMO_REPO, Stack, running_stack
 from tests.router.end_to_end_support import (
@@ -148,3 +149,36 @@ def test_a_swapped_model_file_never_serves_the_old_answers(keyed_stack: Stack) -
             response = http.post("/v1/chat/completions", json=body)
             assert response.status_code == 200, response.text
             assert response.headers.get("x-lmc-cache-entry") != old_entry
+
+
+# The classes that plain cosine lets through most, and the repeats that must hit.
+THROUGH_THE_API = {
+    "role_swap", "quantifier", "modal", "verb", "lowercase_name", "french", "german", "spanish", "long",
+    "near_verbatim", "long_repeat",
+}  # fmt: skip
+
+
+@pytest.mark.timeout(900)
+def test_through_the_api_near_duplicates_miss_and_near_verbatim_repeats_hit(stack: Stack) -> None:
+    """One labelled pair of each class, each in a scope of its own, at a threshold below the lowest accepted."""
+    first_of_class: dict[str, Pair] = {}
+    for pair in load_pairs():
+        if pair.source == "cache_pairs" and pair.kind in THROUGH_THE_API:
+            first_of_class.setdefault(pair.kind, pair)
+    assert set(first_of_class) == THROUGH_THE_API
+    wrong = []
+    with client(stack) as http:
+        for kind, pair in sorted(first_of_class.items()):
+            system = system_prompt()
+            stored = chat_body(pair.a, system=system, max_tokens=4)
+            http.post("/v1/chat/completions", json=stored)
+            post_until_hit(http, "/v1/chat/completions", stored)
+            asked = chat_body(pair.b, system=system, max_tokens=4, cache={"threshold": 0.5})
+            response = http.post("/v1/chat/completions", json=asked)
+            assert response.status_code == 200, response.text
+            hit = response.headers["x-lmc-cache"] == "hit"
+            if kind in ("near_verbatim", "long_repeat"):
+                assert hit, (kind, pair.a, pair.b)
+            elif hit and not pair.should_hit:
+                wrong.append((kind, pair.a[-60:], pair.b[-60:]))
+    assert not wrong
