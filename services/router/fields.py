@@ -59,9 +59,9 @@ def unknown_message_field(message: Message, prefix: str = "") -> str | None:
     for field, value in message.ListFields():
         if _is_open(field):
             continue
-        items = value if field.label == FieldDescriptor.LABEL_REPEATED else [value]
+        items = value if field.is_repeated else [value]
         for index, item in enumerate(items):
-            where = f"{field.name}[{index}]." if field.label == FieldDescriptor.LABEL_REPEATED else f"{field.name}."
+            where = f"{field.name}[{index}]." if field.is_repeated else f"{field.name}."
             found = unknown_message_field(item, prefix + where)
             if found is not None:
                 return found
