@@ -247,6 +247,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             threshold = effective_threshold(
                 request.threshold if request.HasField("threshold") else None, self.settings
             )
+            if request.record_miss:
+                return self._record_miss()
             if not vector and not request.exact_key:
                 raise InvalidRequest("give an embedding, an exact_key, or both")
             if vector and not request.prompt.strip():
@@ -272,6 +274,12 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
                 span.set_attributes(_lookup_attributes(request, bool(vector), threshold, response))
             self._publish_ratio()
             return response
+
+    def _record_miss(self) -> cache_service_pb2.LookupResponse:
+        self.counters.misses += 1
+        LOOKUPS.labels("miss").inc()
+        self._publish_ratio()
+        return cache_service_pb2.LookupResponse(hit=False)
 
     def _publish_ratio(self) -> None:
         counters = self.counters

@@ -12,6 +12,7 @@ vector is finished in the background. Stores run in the background after the cli
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -156,9 +157,11 @@ class AnswerCache:
                 )
         except grpc.aio.AioRpcError as error:
             log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
+            self._record_miss_later(scope)
             return CacheDecision("miss", scope=scope, store=False)
         except TimeoutError:
             log.warning("cache lookup took over %.2f s; treating it as a miss", self._timeout)
+            self._record_miss_later(scope)
             return CacheDecision("miss", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt))
         if exact.hit:
             return CacheDecision("hit", scope=scope, kind="exact", similarity=1.0, entry=exact.entry)
@@ -167,8 +170,7 @@ class AnswerCache:
             async with asyncio.timeout_at(deadline):
                 vector = await asyncio.shield(embedding)
                 if not vector:
-                    # No semantic lookup after all: the exact one is asked again, to count the miss.
-                    await self._cache.Lookup(cache_service_pb2.LookupRequest(scope=scope.scope, exact_key=scope.exact_key))
+                    self._record_miss_later(scope)  # no semantic lookup after all
                     return CacheDecision("miss", scope=scope, store=False)
                 request = cache_service_pb2.LookupRequest(
                     scope=scope.scope, embedding=vector, exact_key=scope.exact_key, prompt=scope.prompt
@@ -181,12 +183,27 @@ class AnswerCache:
             return CacheDecision("miss", scope=scope, store=False)
         except TimeoutError:
             log.warning("cache lookup took over %.2f s; treating it as a miss", self._timeout)
+            if not _has_vector(embedding):
+                self._record_miss_later(scope)  # the semantic lookup was never asked
             return CacheDecision("miss", scope=scope, store=store, pending_embedding=embedding)
         observe.record_cache_reply(semantic)
         if semantic.hit:
             kind = "exact" if semantic.kind == cache_pb2.HIT_KIND_EXACT else "semantic"
             return CacheDecision("hit", scope=scope, kind=kind, similarity=semantic.similarity, entry=semantic.entry)
         return CacheDecision("miss", scope=scope, embedding=vector, store=store)
+
+    def _record_miss_later(self, scope: CacheScope) -> None:
+        """Tells the Cache that a request whose first lookup said `semantic_follows` was a miss."""
+
+        async def record() -> None:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self._cache.Lookup(
+                    cache_service_pb2.LookupRequest(scope=scope.scope, record_miss=True), timeout=BACKGROUND_EMBED_TIMEOUT
+                )
+
+        task = asyncio.create_task(record())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _embed_later(self, text: str) -> asyncio.Task[list[float]]:
         """The prompt's vector, computed in a task of its own that outlives the lookup's budget."""
@@ -245,6 +262,10 @@ class AnswerCache:
         """Waits for the stores still running (at shutdown)."""
         if self._background:
             await asyncio.wait(self._background, timeout=5.0)
+
+
+def _has_vector(task: asyncio.Task[list[float]]) -> bool:
+    return task.done() and not task.cancelled() and task.exception() is None and bool(task.result())
 
 
 def _describe(error: BaseException) -> str:

@@ -485,3 +485,14 @@ async def test_an_entry_reported_wrong_is_removed_and_counted(cache: Cache, embe
     again = await stub.Invalidate(pb.InvalidateRequest(entry_id=stored.entry_id, reported_wrong=True))
     assert again.removed == 0
     assert (await stub.GetStats(pb.GetStatsRequest())).wrong_answers_reported == 1
+
+
+async def test_a_request_given_up_on_is_counted_once_as_a_miss(cache: Cache) -> None:
+    _, stub = cache
+    asked = cache_scope(chat_request("What is a heap?"))
+    probe = await stub.Lookup(pb.LookupRequest(scope=asked.scope, exact_key=asked.exact_key, semantic_follows=True))
+    assert not probe.hit
+    recorded = await stub.Lookup(pb.LookupRequest(scope=asked.scope, record_miss=True))
+    assert not recorded.hit and not recorded.degraded
+    stats = await stub.GetStats(pb.GetStatsRequest())
+    assert (stats.exact_hits, stats.semantic_hits, stats.misses) == (0, 0, 1)

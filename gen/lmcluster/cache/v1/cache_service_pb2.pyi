@@ -11,20 +11,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class LookupRequest(_message.Message):
-    __slots__ = ("scope", "embedding", "exact_key", "prompt", "threshold", "semantic_follows")
+    __slots__ = ("scope", "embedding", "exact_key", "prompt", "threshold", "semantic_follows", "record_miss")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     EXACT_KEY_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     SEMANTIC_FOLLOWS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_MISS_FIELD_NUMBER: _ClassVar[int]
     scope: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     exact_key: str
     prompt: str
     threshold: float
     semantic_follows: bool
-    def __init__(self, scope: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., exact_key: _Optional[str] = ..., prompt: _Optional[str] = ..., threshold: _Optional[float] = ..., semantic_follows: _Optional[bool] = ...) -> None: ...
+    record_miss: bool
+    def __init__(self, scope: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., exact_key: _Optional[str] = ..., prompt: _Optional[str] = ..., threshold: _Optional[float] = ..., semantic_follows: _Optional[bool] = ..., record_miss: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
     __slots__ = ("hit", "kind", "entry", "similarity", "age", "rejected", "degraded")
