@@ -219,6 +219,8 @@ _PARTS = {
     "redis-server": redis_server_binary,
     "libssl1.1": libssl_dir,
     "llama-server": llama_server_binary,
+    "llama-quantize": lambda: llama_tool("llama-quantize"),
+    "llama-gguf-split": lambda: llama_tool("llama-gguf-split"),
     "demo model": demo_model_path,
     "embedding model": embedding_model_path,
     "buf": buf_binary,
@@ -227,8 +229,6 @@ _PARTS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    "llama-quantize": lambda: llama_tool("llama-quantize"),
-    "llama-gguf-split": lambda: llama_tool("llama-gguf-split"),
     parser = argparse.ArgumentParser(description="Where lmcluster finds its real parts.")
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("list", help="print every part and its path (the default)")

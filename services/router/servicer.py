@@ -27,7 +27,7 @@ from lmcluster.router.v1 import router_service_pb2, router_service_pb2_grpc
 from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_pb2_grpc
 
 from services.common import gateway
-from services.router import assembly, codec, fields, metrics, observe
+from services.router import assembly, codec, fields, metrics, observe, responses
 from services.common.cache_scope import weights_identity
 from services.router.caching import AnswerCache, CacheDecision, same_weights, tenant_of
 from services.router.catalog import ModelCatalog, ModelRoute
@@ -131,6 +131,31 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     ) -> AsyncIterator[pb.CreateCompletionStreamResponse]:
         async for chunk in self._stream(COMPLETION, request, context):
             yield chunk
+
+    async def CreateResponse(self, request: pb.CreateResponseRequest, context: grpc.aio.ServicerContext) -> pb.Response:
+        chat = await self._response_as_chat(request, context)
+        answer = await self._unary(CHAT, chat, responses.ChatContext(context))
+        return responses.from_chat(request, answer)  # type: ignore[arg-type]
+
+    async def StreamResponse(
+        self, request: pb.CreateResponseRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ResponseStreamEvent]:
+        chat = await self._response_as_chat(request, context)
+        chat.stream_options.include_usage = True  # the usage chunk completes the response
+        stream = responses.ResponseStream(request)
+        async for chunk in self._stream(CHAT, chat, responses.ChatContext(context)):
+            for event in stream.events(chunk):  # type: ignore[arg-type]
+                yield event
+
+    async def _response_as_chat(
+        self, request: pb.CreateResponseRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateChatCompletionRequest:
+        try:
+            fields.check_fields(request, context.invocation_metadata())
+            return responses.to_chat(request)
+        except RouterError as error:
+            await _abort(context, error)
+            raise
 
     async def ListModels(
         self, request: router_service_pb2.ListModelsRequest, context: grpc.aio.ServicerContext

@@ -60,6 +60,16 @@ class RouterServiceStub:
                 request_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateCompletionRequest.SerializeToString,
                 response_deserializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateCompletionStreamResponse.FromString,
                 _registered_method=True)
+        self.CreateResponse = channel.unary_unary(
+                '/lmcluster.router.v1.RouterService/CreateResponse',
+                request_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.Response.FromString,
+                _registered_method=True)
+        self.StreamResponse = channel.unary_stream(
+                '/lmcluster.router.v1.RouterService/StreamResponse',
+                request_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateResponseRequest.SerializeToString,
+                response_deserializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.ResponseStreamEvent.FromString,
+                _registered_method=True)
         self.CreateEmbedding = channel.unary_unary(
                 '/lmcluster.router.v1.RouterService/CreateEmbedding',
                 request_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateEmbeddingRequest.SerializeToString,
@@ -120,6 +130,21 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateResponse(self, request, context):
+        """CreateResponse answers OpenAI's Responses API (text) in one response, as a chat completion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamResponse(self, request, context):
+        """StreamResponse answers the Responses API as OpenAI's stream events, sent as tokens arrive.
+        The REST gateway sends `"stream": true` bodies of /v1/responses here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateEmbedding(self, request, context):
         """CreateEmbedding embeds texts with the Embedding service.
         """
@@ -171,6 +196,16 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.StreamCompletion,
                     request_deserializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateCompletionRequest.FromString,
                     response_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateCompletionStreamResponse.SerializeToString,
+            ),
+            'CreateResponse': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateResponse,
+                    request_deserializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateResponseRequest.FromString,
+                    response_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.Response.SerializeToString,
+            ),
+            'StreamResponse': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamResponse,
+                    request_deserializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateResponseRequest.FromString,
+                    response_serializer=lmcluster_dot_router_dot_v1_dot_openai__pb2.ResponseStreamEvent.SerializeToString,
             ),
             'CreateEmbedding': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateEmbedding,
@@ -306,6 +341,60 @@ class RouterService:
             '/lmcluster.router.v1.RouterService/StreamCompletion',
             lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateCompletionRequest.SerializeToString,
             lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateCompletionStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmcluster.router.v1.RouterService/CreateResponse',
+            lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateResponseRequest.SerializeToString,
+            lmcluster_dot_router_dot_v1_dot_openai__pb2.Response.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamResponse(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/lmcluster.router.v1.RouterService/StreamResponse',
+            lmcluster_dot_router_dot_v1_dot_openai__pb2.CreateResponseRequest.SerializeToString,
+            lmcluster_dot_router_dot_v1_dot_openai__pb2.ResponseStreamEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,12 @@ class RouterServiceStub:
     """StreamCompletion answers a text completion as chunks, sent as they are generated.
     The REST gateway sends `"stream": true` bodies of /v1/completions here.
     """
+    CreateResponse: _grpc.UnaryUnaryMultiCallable[_openai_pb2.CreateResponseRequest, _openai_pb2.Response]
+    """CreateResponse answers OpenAI's Responses API (text) in one response, as a chat completion."""
+    StreamResponse: _grpc.UnaryStreamMultiCallable[_openai_pb2.CreateResponseRequest, _openai_pb2.ResponseStreamEvent]
+    """StreamResponse answers the Responses API as OpenAI's stream events, sent as tokens arrive.
+    The REST gateway sends `"stream": true` bodies of /v1/responses here.
+    """
     CreateEmbedding: _grpc.UnaryUnaryMultiCallable[_openai_pb2.CreateEmbeddingRequest, _openai_pb2.CreateEmbeddingResponse]
     """CreateEmbedding embeds texts with the Embedding service."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_router_service_pb2.ListModelsRequest, _router_service_pb2.ListModelsResponse]
@@ -83,6 +89,12 @@ class RouterServiceAsyncStub(RouterServiceStub):
     StreamCompletion: _aio.UnaryStreamMultiCallable[_openai_pb2.CreateCompletionRequest, _openai_pb2.CreateCompletionStreamResponse]  # type: ignore[assignment]
     """StreamCompletion answers a text completion as chunks, sent as they are generated.
     The REST gateway sends `"stream": true` bodies of /v1/completions here.
+    """
+    CreateResponse: _aio.UnaryUnaryMultiCallable[_openai_pb2.CreateResponseRequest, _openai_pb2.Response]  # type: ignore[assignment]
+    """CreateResponse answers OpenAI's Responses API (text) in one response, as a chat completion."""
+    StreamResponse: _aio.UnaryStreamMultiCallable[_openai_pb2.CreateResponseRequest, _openai_pb2.ResponseStreamEvent]  # type: ignore[assignment]
+    """StreamResponse answers the Responses API as OpenAI's stream events, sent as tokens arrive.
+    The REST gateway sends `"stream": true` bodies of /v1/responses here.
     """
     CreateEmbedding: _aio.UnaryUnaryMultiCallable[_openai_pb2.CreateEmbeddingRequest, _openai_pb2.CreateEmbeddingResponse]  # type: ignore[assignment]
     """CreateEmbedding embeds texts with the Embedding service."""
@@ -137,6 +149,24 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_openai_pb2.CreateCompletionStreamResponse], _abc.AsyncIterator[_openai_pb2.CreateCompletionStreamResponse]]:
         """StreamCompletion answers a text completion as chunks, sent as they are generated.
         The REST gateway sends `"stream": true` bodies of /v1/completions here.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateResponse(
+        self,
+        request: _openai_pb2.CreateResponseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_openai_pb2.Response, _abc.Awaitable[_openai_pb2.Response]]:
+        """CreateResponse answers OpenAI's Responses API (text) in one response, as a chat completion."""
+
+    @_abc_1.abstractmethod
+    def StreamResponse(
+        self,
+        request: _openai_pb2.CreateResponseRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_openai_pb2.ResponseStreamEvent], _abc.AsyncIterator[_openai_pb2.ResponseStreamEvent]]:
+        """StreamResponse answers the Responses API as OpenAI's stream events, sent as tokens arrive.
+        The REST gateway sends `"stream": true` bodies of /v1/responses here.
         """
 
     @_abc_1.abstractmethod
