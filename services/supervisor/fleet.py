@@ -308,15 +308,26 @@ class Fleet:
         return targets
 
     async def close(self) -> None:
-        """Stops the follower, the timers and every backend (bounded drain)."""
+        """Stops the follower, the timers and every backend (drains bounded by the shutdown drain)."""
         self._closing = True
         interrupted = [*self._timers, *self._swaps.values(), *self._starts.values()]
         for task in interrupted:
             task.cancel()
-        for task in [*interrupted, *self._background]:
+        for task in interrupted:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await asyncio.gather(*(b.stop("the Supervisor is shutting down") for b in list(self.backends.values())))
+        backends = list(self.backends.values())
+        reason = "the Supervisor is shutting down"
+        stops = asyncio.gather(*(b.stop(reason) for b in backends))
+        try:
+            await asyncio.wait_for(asyncio.shield(stops), self.settings.shutdown_drain_seconds)
+        except TimeoutError:
+            # Whoever stops the Supervisor waits only so long: cut the drains still running.
+            await asyncio.gather(*(b.stop(reason, drain=False) for b in backends))
+            await stops
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         for queue in list(self._watchers):
             with contextlib.suppress(asyncio.QueueFull):
                 queue.put_nowait(None)
@@ -438,8 +449,9 @@ class Fleet:
             # Serving never waits for re-validation: the loaded weights stay until a READY file
             # replaces them, and an INVALID file never does.
             state = model_state_name(model.state)
-            notice = f"the file on disk is {state}" + (f": {model.reason}" if model.reason else "")
-            notice += "; serving the file loaded before"
+            # A download's progress is in the Registry; the notice changes only with the verdict.
+            why = f": {model.reason}" if model.reason and model.state == registry_pb2.MODEL_STATE_INVALID else ""
+            notice = f"the file on disk is {state}{why}; serving the file loaded before"
             if any(b.file_notice != notice for b in live):
                 log.warning("model %s changed on disk: %s", model.id, notice)
                 metrics.KEPT_OLD_FILE.labels(model.id, state.lower()).inc()
@@ -501,7 +513,9 @@ class Fleet:
             return
         old.mark_draining(why)
         self._publish(SWITCHED, new, replaced=old)
-        await old.stop(why)
+        # The old one finishes its answers in the background: a long generation must not hold
+        # back the next replica's swap, or the swap to a file that changed again meanwhile.
+        self._spawn(old.stop(why), f"retire-{old.id}")
 
     # --- timers ---------------------------------------------------------------------------------
     async def _housekeeping(self) -> None:

@@ -108,6 +108,9 @@ class SupervisorSettings(ServiceSettings):
     drain_timeout_seconds: float = Field(
         1800.0, ge=0, description="Longest wait for in-flight generations of a replaced or stopped backend."
     )
+    shutdown_drain_seconds: float = Field(
+        5.0, ge=0, description="When the Supervisor itself stops, how long its backends may drain before being cut."
+    )
     drain_settle_seconds: float = Field(
         1.0, ge=0, description="Wait after DRAINING is announced before checking for idle (routers catch up)."
     )

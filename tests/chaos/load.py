@@ -4,9 +4,10 @@ Each client is a thread looping over one kind of call: REST unary, REST streamed
 events), native gRPC unary and native gRPC streamed, all to Envoy's public port. Most questions are
 new (they reach a model); a quarter repeat a small set (they exercise the cache). Every request is
 recorded with when it started and ended, whether the client had received part of the answer
-(streams only) and, when it failed, why. Nothing is retried except a REST connection that Envoy
-refused (nothing listening: the request never reached the product), as the openai SDK does; those
-retries are counted apart.
+(streams only) and, when it failed, why. Nothing is retried except a connection that nobody
+accepted (Envoy not listening: the request never reached the product): REST clients try the
+connection again, as the openai SDK does (those retries are counted apart), and gRPC calls are
+made with `wait_for_ready`, which waits for the channel to connect instead of failing at once.
 """
 
 from __future__ import annotations
@@ -233,7 +234,9 @@ class Load:
 
     def _grpc(self, router: router_service_pb2_grpc.RouterServiceStub, system: str, question: str) -> str:
         try:
-            answer = router.CreateChatCompletion(self._request(system, question), timeout=REQUEST_TIMEOUT)
+            answer = router.CreateChatCompletion(
+                self._request(system, question), timeout=REQUEST_TIMEOUT, wait_for_ready=True
+            )
         except grpc.RpcError as error:
             return f"gRPC {error.code().name}: {error.details()}"  # type: ignore[attr-defined]
         if not answer.choices or not answer.choices[0].finish_reason:
@@ -243,7 +246,8 @@ class Load:
     def _grpc_stream(self, router: router_service_pb2_grpc.RouterServiceStub, system: str, question: str) -> tuple[bool, str]:
         streaming = finished = False
         try:
-            for chunk in _chunks(router.StreamChatCompletion(self._request(system, question), timeout=REQUEST_TIMEOUT)):
+            call = router.StreamChatCompletion(self._request(system, question), timeout=REQUEST_TIMEOUT, wait_for_ready=True)
+            for chunk in _chunks(call):
                 for choice in chunk.choices:
                     streaming = True
                     finished |= bool(choice.finish_reason)

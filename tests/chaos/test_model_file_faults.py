@@ -9,6 +9,7 @@ gone, which get 404).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -45,11 +46,57 @@ def model_by_path(stack: Stack, path: Path) -> registry_pb2.Model | None:
 
 
 def swapped_to(stack: Stack, header: str) -> bool:
-    """The demo model's live backends all run the file whose header hash is `header`."""
-    backends = stack.backends(DEMO_MODEL_ID)
-    live = [b for b in backends if b.state in (supervisor_pb2.BACKEND_STATE_STARTING, READY_BACKEND,
-                                                supervisor_pb2.BACKEND_STATE_DRAINING)]  # fmt: skip
-    return bool(live) and all(b.state == READY_BACKEND and b.model_fingerprint == header for b in live)
+    """New requests of the demo model go to the file whose header hash is `header`: a READY backend
+    runs it and none runs another (one still draining its in-flight answers may)."""
+    ready = [b for b in stack.backends(DEMO_MODEL_ID) if b.state == READY_BACKEND]
+    return bool(ready) and all(b.model_fingerprint == header for b in ready)
+
+
+# Tokens 0-2 (end of text and the chat template's markers) forbidden: the answer runs to max_tokens.
+NO_END = {"0": -100, "1": -100, "2": -100}
+LONG_ANSWER_TOKENS = 200
+
+
+class LongStream(threading.Thread):
+    """A long streamed answer started before a swap; it must run to its end on the old backend."""
+
+    def __init__(self, stack: Stack) -> None:
+        super().__init__(daemon=True)
+        self.stack = stack
+        self.tokens = 0
+        self.finish_reason: str | None = None
+        self.error = ""
+        self.first_token = threading.Event()
+
+    def run(self) -> None:
+        body = {
+            "model": DEMO_MODEL_ID,
+            "messages": [{"role": "user", "content": f"Tell a very long story. ({secrets.token_hex(4)})"}],
+            "max_tokens": LONG_ANSWER_TOKENS,
+            "logit_bias": NO_END,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "cache": {"skip_lookup": True, "skip_store": True},
+        }
+        try:
+            with httpx.Client(base_url=self.stack.http_url, timeout=300.0) as http, http.stream(
+                "POST", "/v1/chat/completions", json=body
+            ) as response:
+                for line in response.iter_lines():
+                    if not line.startswith("data:") or line.endswith("[DONE]"):
+                        continue
+                    event = json.loads(line[len("data:"):])
+                    if "error" in event:
+                        self.error = str(event["error"])
+                    for choice in event.get("choices", []):
+                        self.first_token.set()
+                        self.finish_reason = choice.get("finish_reason") or self.finish_reason
+                    if event.get("usage"):
+                        self.tokens = event["usage"]["completion_tokens"]
+        except Exception as exc:  # the thread's failure is the test's
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self.first_token.set()
 
 
 def ask(http: httpx.Client, body: dict[str, object]) -> httpx.Response:
@@ -76,6 +123,9 @@ def test_swap_by_rename_loses_no_request_and_serves_no_old_answer(chaos_stack: S
         ask(http, question)
         wait_for(lambda: ask(http, question).headers["x-lmc-cache"] == "hit", "the old model's answer cached", 30)
         load.wait_for_successes(WARM_SUCCESSES, since=0.0)
+        long_stream = LongStream(chaos_stack)
+        long_stream.start()
+        long_stream.first_token.wait(120)
         # The download lands on the same file system, then replaces the model in one rename.
         staged = target.with_name(".download.part")
         shutil.move(fresh, staged)
@@ -83,10 +133,14 @@ def test_swap_by_rename_loses_no_request_and_serves_no_old_answer(chaos_stack: S
         heal = wait_for(lambda: swapped_to(chaos_stack, header), "the new file served")
         after_switch = ask(http, question)
         load.wait_for_successes(AFTER_SUCCESSES, since=time.monotonic())
+        long_stream.join(300)
     result = load.result
     report.record("model swap: rename over", result, heal, "heal: new file serving")
     assert not result.failed, result.describe()
     assert after_switch.headers["x-lmc-cache"] != "hit", "an answer of the replaced weights was served"
+    # The old backend drained: the long answer that started before the switch ran to its end.
+    assert not long_stream.error, long_stream.error
+    assert (long_stream.finish_reason, long_stream.tokens) == ("length", LONG_ANSWER_TOKENS)
 
 
 def test_swap_by_rewriting_in_place_loses_no_request(chaos_stack: Stack, tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ What each fault may cost, and what is asserted:
 - llama-server or the Supervisor (whose backends die with it) killed: only streams that were
   already sending tokens from the lost backend end with an error event; requests that had not
   started streaming wait for the restarted backend, and unary ones are generated again.
-- The Router or Envoy killed: only requests in flight on the killed process; Envoy retries what
-  never reached a Router, clients retry connections nobody accepted.
+- The Router killed: only requests in flight on it; Envoy retries what never reached a Router.
+- Envoy killed: requests in flight on it, and requests sent while nothing listened on the public
+  port (the client's connection refused or cut before an answer). The load's clients reconnect
+  the way the openai SDK and gRPC's `wait_for_ready` do; what still failed is counted.
 """
 
 from __future__ import annotations
@@ -33,11 +35,12 @@ PAUSE_SECONDS = 10.0
 # Parts whose loss costs no request at all, and those whose loss may cut streams running on them.
 LOSSLESS = ["registry", "embedding", "cache", "redis"]
 CUTS_RUNNING_STREAMS = ["llama-server", "supervisor"]
-CUTS_IN_FLIGHT = ["router", "envoy"]
+CUTS_IN_FLIGHT = ["router"]
 
 
 def run_fault(stack: Stack, part: str) -> tuple[LoadResult, float, float]:
-    """SIGKILL of `part` under load; returns the load's result, the kill's moment and the heal time."""
+    """SIGKILL of `part` under load; returns the load's result, the kill's moment and the heal time
+    (the part answering its readiness probe again)."""
     with Load(stack, DEMO_MODEL_ID) as load:
         load.wait_for_successes(WARM_SUCCESSES, since=0.0)
         victim = part_pid(stack, part)
@@ -74,6 +77,20 @@ def test_a_killed_gateway_process_costs_only_requests_in_flight_on_it(chaos_stac
     )  # fmt: skip
     assert all(o.started <= killed_at < o.ended for o in result.failed), result.describe()
     assert len(result.failed) <= len(in_flight), result.describe()
+
+
+def test_a_killed_envoy_costs_only_requests_it_held_or_could_not_take(chaos_stack: Stack) -> None:
+    result, killed_at, heal = run_fault(chaos_stack, "envoy")
+    back_at = killed_at + heal
+    in_flight = result.in_flight_at(killed_at)
+    while_down = [o for o in result.failed if killed_at <= o.started <= back_at]
+    report.record(
+        "SIGKILL envoy", result, heal,
+        f"{len(in_flight)} in flight at the kill; {result.connect_retries} client reconnects",
+    )  # fmt: skip
+    assert all(o.started <= killed_at < o.ended or o in while_down for o in result.failed), result.describe()
+    # Once Envoy is back, nothing fails.
+    assert not [o for o in result.failed if o.started > back_at], result.describe()
 
 
 @pytest.mark.parametrize("part", ["redis", "embedding"])

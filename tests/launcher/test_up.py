@@ -7,14 +7,16 @@ a SIGKILL of the launcher itself, which only the kernel's parent-death signal ca
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.fixtures.parts import process_alive, process_table
-from tests.fixtures.stack import running_stack
+from tests.fixtures.parts import free_port, process_alive, process_table
+from tests.fixtures.stack import DEMO_MODEL_ID, running_stack
 
 STOP_TIMEOUT = 60.0
 
@@ -98,3 +100,34 @@ def test_a_part_that_crash_loops_stops_the_stack_and_is_named(
         assert "cannot stay up; stopping the stack" in log
         assert "all stopped" in log
         assert not wait_all_gone(family)
+
+
+def test_the_cache_survives_a_restart_of_the_whole_stack(tmp_path: Path, demo_models_dir: Path) -> None:
+    """The Redis `lmcluster up` starts keeps its data in the run folder: an answer cached before
+    Ctrl-C is a hit after the next `lmcluster up` on the same folder."""
+    redis_url = f"redis://127.0.0.1:{free_port()}"
+    body = {
+        "model": DEMO_MODEL_ID,
+        "messages": [{"role": "user", "content": f"Name a desert. ({secrets.token_hex(4)})"}],
+        "max_tokens": 6,
+        "temperature": 0,
+    }
+    # The same cache namespace both times (the fixture picks a new one per stack by default).
+    env = {"LMC_CACHE_INDEX_PREFIX": f"lmc:restart:{secrets.token_hex(4)}"}
+    with running_stack(tmp_path / "stack", redis_url=redis_url, models_dir=demo_models_dir, env=env) as stack:
+        with httpx.Client(base_url=stack.http_url, timeout=120.0) as http:
+            first = http.post("/v1/chat/completions", json=body)
+            assert first.status_code == 200, first.text
+            deadline = time.monotonic() + 30
+            while http.post("/v1/chat/completions", json=body).headers["x-lmc-cache"] != "hit":
+                assert time.monotonic() < deadline, "the answer was never stored"
+                time.sleep(0.3)
+        time.sleep(1.5)  # the append-only file reaches the disk every second
+        os.kill(stack.part.process.pid, signal.SIGINT)
+        assert stack.part.process.wait(STOP_TIMEOUT) == 0
+    with running_stack(tmp_path / "stack", redis_url=redis_url, models_dir=demo_models_dir, env=env) as stack:
+        with httpx.Client(base_url=stack.http_url, timeout=120.0) as http:
+            again = http.post("/v1/chat/completions", json=body)
+    assert again.status_code == 200, again.text
+    assert again.headers["x-lmc-cache"] == "hit", dict(again.headers)
+    assert again.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]

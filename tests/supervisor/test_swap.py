@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 from gguf import GGUFReader
+from prometheus_client import REGISTRY
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.supervisor.v1 import supervisor_pb2
 from lmcluster.supervisor.v1 import supervisor_service_pb2 as pb
@@ -172,3 +173,11 @@ async def test_a_changed_file_that_is_invalid_keeps_the_running_backend(
         async with httpx.AsyncClient(timeout=30) as http:
             reply = await http.post(f"{now.endpoint}/completion", json={"prompt": "Hi", "n_predict": 4})
         assert reply.status_code == 200
+        # It says why it keeps its file, in ListBackends and the metric, and still answers EnsureBackend.
+        assert "INVALID" in now.file_notice and "serving the file loaded before" in now.file_notice, now
+        ensured = (await stub.EnsureBackend(pb.EnsureBackendRequest(model=DEMO_ALIAS), timeout=10)).backend
+        assert ensured.id == backend.id
+        kept = REGISTRY.get_sample_value(
+            "lmc_supervisor_model_file_kept_total", {"model": now.model_id, "reason": "invalid"}
+        )
+        assert kept is not None and kept >= 1
