@@ -116,14 +116,23 @@ def redis_environment() -> dict[str, str]:
 
 
 def redis_server_command(
-    port: int, data_dir: Path, *, extra_args: Sequence[str] = ()
+    port: int, data_dir: Path, *, persistent: bool = True, extra_args: Sequence[str] = ()
 ) -> tuple[list[str], dict[str, str]]:
     """argv and environment entries for a Redis Stack server on 127.0.0.1:port.
 
-    It loads RediSearch (vector KNN) and RedisJSON, as redis-stack-server does, keeps nothing on
-    disk (no RDB snapshots, no AOF) and runs in the foreground. `extra_args` are appended as they
-    are, e.g. ("--maxmemory", "1gb"). The environment entries are to be added to the caller's.
+    It loads RediSearch (vector KNN) and RedisJSON, as redis-stack-server does, and runs in the
+    foreground. `persistent` keeps the data in `data_dir` across restarts with the append-only file,
+    fsynced every second (a crash loses at most the last second of cache stores; every write pays no
+    fsync of its own), in Redis 7's multi-part form with an RDB preamble, so loading is fast and the
+    vector index is rebuilt from the stored hashes. Without it nothing is written to disk.
+    `extra_args` are appended as they are, e.g. ("--maxmemory", "1gb"). The environment entries
+    are to be added to the caller's.
     """
+    persistence = (
+        ["--appendonly", "yes", "--appendfsync", "everysec", "--aof-use-rdb-preamble", "yes", "--save", ""]
+        if persistent
+        else ["--save", "", "--appendonly", "no"]
+    )
     modules = redis_stack_dir() / "lib"
     redisearch = modules / "redisearch.so"
     rejson = modules / "rejson.so"
@@ -135,8 +144,7 @@ def redis_server_command(
         "--bind", "127.0.0.1",
         "--port", str(port),
         "--daemonize", "no",
-        "--save", "",
-        "--appendonly", "no",
+        *persistence,
         "--dir", str(data_dir),
         "--loadmodule", str(redisearch), *_REDISEARCH_ARGS,
         "--loadmodule", str(rejson),

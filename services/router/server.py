@@ -83,7 +83,8 @@ async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntim
         token_timeout=settings.token_timeout_seconds,
     )
     servicer = RouterServicer(
-        settings, catalog=catalog, table=table, cache=cache, llama=llama, supervisor=supervisor, embedding=embedding
+        settings, catalog=catalog, table=table, cache=cache, llama=llama, supervisor=supervisor, embedding=embedding,
+        supervisor_channel=supervisor_channel,
     )
     host = ServiceHost("router", settings, [SERVICE_NAME])
     host.add(router_service_pb2_grpc.add_RouterServiceServicer_to_server, servicer)

@@ -93,6 +93,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         llama: LlamaClient,
         supervisor: supervisor_service_pb2_grpc.SupervisorServiceStub,
         embedding: embedding_service_pb2_grpc.EmbeddingServiceStub,
+        supervisor_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
@@ -100,6 +101,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._cache = cache
         self._llama = llama
         self._supervisor = supervisor
+        self._supervisor_channel = supervisor_channel
         self._embedding = embedding
         self._coalescer = Coalescer()
         self._cold_starts: dict[str, asyncio.Task[None]] = {}
@@ -160,7 +162,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def ListModels(
         self, request: router_service_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> router_service_pb2.ListModelsResponse:
-        return self._catalog.list_models()
+        return self._catalog.list_models(self._table.serves)
 
     async def GetModel(
         self, request: router_service_pb2.GetModelRequest, context: grpc.aio.ServicerContext
@@ -239,9 +241,9 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
     async def _prepare(self, api: GenerationApi, request: codec.GenerationRequest, tenant: str = "") -> Prepared:
         started = time.perf_counter()
         codec.validate(request)
-        if not self._catalog.synced:
+        if not await self._catalog.wait_synced(self._settings.startup_wait_seconds):
             raise ModelUnavailable("the Router has not heard from the Registry yet; retry shortly", retry_after=2)
-        route = self._catalog.resolve(request.model)
+        route = self._catalog.resolve(request.model, self._table.serves)
         codec.check_modalities(request, map(self._catalog.get, route.variant_ids))
         best = self._catalog.get(route.variant_ids[0])
         base_model = (best.base_id if best is not None and not route.pinned else "") or route.variant_ids[0]
@@ -265,15 +267,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 if prepared.decision.status == "hit":
                     prepared.decision.status = "miss"
                     cache_label = "miss"
-                generation = self._generation(api, request, prepared)
-                assembler = api.new_assembler()
-                first = True
-                async with contextlib.aclosing(generation.subscribe()) as events:
-                    async for event in events:
-                        if first:
-                            metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
-                            first = False
-                        assembler.add(event)
+                generation, assembler = await self._generate_whole(api, request, prepared, cache_label)
                 response = assembler.response(generation.model_id)
                 await context.send_initial_metadata(_cache_metadata(prepared.decision))
                 self._after_generation(api, request, prepared, assembler, response, generation)
@@ -292,6 +286,32 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             raise
         finally:
             metrics.REQUESTS.labels(api.name, cache_label, result).inc()
+
+    async def _generate_whole(
+        self, api: GenerationApi, request: codec.GenerationRequest, prepared: Prepared, cache_label: str
+    ) -> tuple[Generation, Any]:
+        """A whole answer for a unary call. The client has seen nothing until it is complete, so a
+        backend lost mid-answer (crashed, killed, its node gone) costs a fresh generation on another
+        backend, not the request; bounded by the recovery wait."""
+        first_failure = 0.0
+        while True:
+            generation = self._generation(api, request, prepared)
+            assembler = api.new_assembler()
+            first = True
+            try:
+                async with contextlib.aclosing(generation.subscribe()) as events:
+                    async for event in events:
+                        if first:
+                            metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
+                            first = False
+                        assembler.add(event)
+                return generation, assembler
+            except StreamBroken as error:
+                first_failure = first_failure or time.monotonic()
+                if time.monotonic() - first_failure >= self._settings.recovery_wait_seconds:
+                    raise
+                metrics.RETRIES.inc()
+                log.warning("%s answer lost mid-way (%s); generating it again", api.name, error.message)
 
     async def _stream(
         self, api: GenerationApi, request: codec.GenerationRequest, context: grpc.aio.ServicerContext
@@ -398,11 +418,14 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         """Streams from a backend; before the first token a failure is retried on another one."""
         tried: set[str] = set()
         attempts = 0
+        first_failure = 0.0
         while True:
             # The `backend choice` span: from here (cold start and queue wait included) to a held slot.
             choosing, depth = time.time_ns(), self._table.queue_depth()
-            if not self._table.has_ready(route.variant_ids):
+            if not self._table.can_serve(route.variant_ids):
                 await self._ensure_backend(route)
+            if tried and not self._table.has_ready(route.variant_ids, exclude=tried):
+                tried.clear()  # every backend left was tried: try them again rather than wait for a new one
             metrics.QUEUE_DEPTH.set(self._table.queue_depth() + 1)
             try:
                 async with self._table.lease(route.variant_ids, exclude=frozenset(tried)) as lease:
@@ -425,7 +448,11 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     except RouterError as error:
                         if received:
                             raise StreamBroken(f"the model backend failed mid-answer: {error.message}") from error
-                        if not error.retryable or attempts >= self._settings.max_retries_before_first_token:
+                        # Retries go on while the stack heals (a backend or the Supervisor restarting),
+                        # bounded by the recovery wait, and at least `max_retries_before_first_token`.
+                        first_failure = first_failure or time.monotonic()
+                        healing = time.monotonic() - first_failure < self._settings.recovery_wait_seconds
+                        if not error.retryable or (attempts >= self._settings.max_retries_before_first_token and not healing):
                             raise
                         attempts += 1
                         metrics.RETRIES.inc()
@@ -449,16 +476,37 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         await asyncio.shield(task)
 
     async def _call_ensure(self, model_id: str) -> None:
-        try:
-            reply = await self._supervisor.EnsureBackend(
-                supervisor_service_pb2.EnsureBackendRequest(model=model_id),
-                timeout=self._settings.cold_start_timeout_seconds,
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.NOT_FOUND:
-                raise ModelNotFound(f"The model `{model_id}` is unknown to the Supervisor.", param="model") from error
-            raise ModelUnavailable(f"The model `{model_id}` cannot be started: {error.details()}") from error
+        """EnsureBackend; a Supervisor that cannot be reached (restarting) is waited for, bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.recovery_wait_seconds
+        delay = 0.1
+        while True:
+            try:
+                reply = await self._supervisor.EnsureBackend(
+                    supervisor_service_pb2.EnsureBackendRequest(model=model_id),
+                    timeout=self._settings.cold_start_timeout_seconds,
+                )
+                break
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.NOT_FOUND:
+                    raise ModelNotFound(f"The model `{model_id}` is unknown to the Supervisor.", param="model") from error
+                if not self._supervisor_unreachable(error) or loop.time() >= deadline:
+                    raise ModelUnavailable(
+                        f"The model `{model_id}` cannot be started: {error.details()}", retry_after=2
+                    ) from error
+            # The restarted Supervisor's watch may bring a READY backend before EnsureBackend answers.
+            if self._table.has_ready((model_id,)):
+                return
+            await asyncio.sleep(delay)
+            delay = min(1.0, delay * 2)
         self._table.add(reply.backend)
+
+    def _supervisor_unreachable(self, error: grpc.aio.AioRpcError) -> bool:
+        """UNAVAILABLE from the transport (no Supervisor answered), not a refusal the Supervisor sent."""
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        channel = self._supervisor_channel
+        return channel is None or channel.get_state() != grpc.ChannelConnectivity.READY
 
 
 # --- helpers -------------------------------------------------------------------------------------
