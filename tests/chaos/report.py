@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.chaos.load import LoadResult
+from tests.chaos.load import LoadResult, Outcome
 from tests.fixtures.parts import REPO_ROOT
 
 REPORT_PATH = REPO_ROOT / "build" / "chaos-report.md"
@@ -29,10 +29,14 @@ class Row:
 ROWS: list[Row] = []
 
 
-def record(scenario: str, result: LoadResult, heal_seconds: float, note: str = "") -> None:
-    failed = result.failed
+def record(
+    scenario: str, result: LoadResult, heal_seconds: float, note: str = "", expected: list[Outcome] | None = None
+) -> None:
+    """One row; `expected` are answers the scenario calls for (a removed model's 404s), not failures."""
+    failed = [o for o in result.failed if o not in (expected or [])]
     streaming = sum(1 for o in failed if o.streaming)
-    ROWS.append(Row(scenario, result.requests, len(failed), streaming, result.p99_ms(), heal_seconds, note))
+    requests = result.requests - len(expected or [])
+    ROWS.append(Row(scenario, requests, len(failed), streaming, result.p99_ms(), heal_seconds, note))
 
 
 def table() -> str:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.supervisor.v1 import supervisor_pb2
 
@@ -25,6 +26,9 @@ from tests.chaos import report
 from tests.chaos.faults import copy_until_full, grow_download, new_release, quantize, rewrite_in_place, small_disk, wait_for
 from tests.chaos.load import Load
 from tests.fixtures.stack import DEMO_BASE_ID, DEMO_FILE, DEMO_MODEL_ID, DEMO_PUBLISHER, DEMO_REPO, Stack
+
+# A scenario waits for a restart or a swap under load on a two-core machine: more than the default.
+pytestmark = pytest.mark.timeout(900)
 
 WARM_SUCCESSES = 6
 AFTER_SUCCESSES = 8
@@ -237,8 +241,11 @@ def test_a_removed_model_finishes_what_it_started_then_answers_404(chaos_stack: 
         wait_for(lambda: not [b for b in chaos_stack.backends(model_id) if b.state == READY_BACKEND], "its backends stopped")
         time.sleep(2.0)
     result = load.result
-    report.record("model removed", result, heal, "404 for requests after the removal")
+    not_found = [o for o in result.failed if o.started >= removed_at and ("404" in o.error or "NOT_FOUND" in o.error)]
+    report.record(
+        "model removed", result, heal, f"requests sent after the removal got 404 ({len(not_found)}, not counted)",
+        expected=not_found,
+    )  # fmt: skip
     finished = [o for o in result.outcomes if o.started < removed_at]
     assert finished and all(o.ok for o in finished), result.describe()
-    late_failures = [o for o in result.failed if o.started >= removed_at]
-    assert all("404" in o.error or "NOT_FOUND" in o.error for o in late_failures), result.describe()
+    assert [o for o in result.failed if o not in not_found] == [], result.describe()

@@ -28,6 +28,9 @@ from tests.chaos.faults import part_healthy, part_pid, paused, wait_for
 from tests.chaos.load import Load, LoadResult
 from tests.fixtures.stack import DEMO_MODEL_ID, Stack
 
+# A scenario waits for a restart or a swap under load on a two-core machine: more than the default.
+pytestmark = pytest.mark.timeout(900)
+
 WARM_SUCCESSES = 6
 AFTER_SUCCESSES = 8
 PAUSE_SECONDS = 10.0
