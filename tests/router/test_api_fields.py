@@ -222,3 +222,15 @@ def test_image_part_to_a_model_without_a_projector_is_a_400(stack: Stack) -> Non
     assert "takes no images" in image_error["message"], image_error
     assert "takes no images" in stream_error["message"], stream_error
     assert "takes no audio" in audio_error["message"], audio_error
+
+
+def test_no_empty_tool_calls_where_openai_omits_them(stack: Stack) -> None:
+    body = chat_body(f"[{nonce()}] Say hello.", max_tokens=6)
+    with client(stack) as http:
+        unary = http.post("/v1/chat/completions", json=body)
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streamed:
+            events = [line for line in streamed.iter_lines() if line.startswith("data: {")]
+    assert unary.status_code == 200, unary.text
+    assert "tool_calls" not in unary.json()["choices"][0]["message"], unary.text
+    assert events and all("tool_calls" not in json.loads(event[6:])["choices"][0]["delta"]
+                          for event in events if json.loads(event[6:]).get("choices")), events  # fmt: skip
