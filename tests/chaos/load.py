@@ -37,6 +37,17 @@ CONNECT_RETRIES = 3
 REPEATED = [f"Name one {thing}." for thing in ("colour", "fruit", "planet", "river", "animal")]
 
 
+def chat_body(model: str, system: str, question: str, *, stream: bool = False) -> dict[str, object]:
+    """A short, deterministic chat request (its system prompt gives it a cache scope of its own)."""
+    return {
+        "model": model,
+        "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+        "max_tokens": ANSWER_TOKENS,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
 @dataclass(frozen=True)
 class Outcome:
     kind: str
@@ -164,15 +175,6 @@ class Load:
                     streaming, error = False, f"{type(exc).__name__}: {exc}"
                 self._record(Outcome(kind, started, time.monotonic(), not error, streaming, error))
 
-    def _body(self, system: str, question: str, stream: bool) -> dict[str, object]:
-        return {
-            "model": self.model,
-            "messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
-            "max_tokens": ANSWER_TOKENS,
-            "temperature": 0,
-            "stream": stream,
-        }
-
     def _post(self, http: httpx.Client, body: dict[str, object]) -> contextlib.AbstractContextManager[httpx.Response]:
         """A streamed POST; a connection Envoy refused (nothing listening) is tried again."""
         for attempt in range(CONNECT_RETRIES + 1):
@@ -188,7 +190,7 @@ class Load:
         raise AssertionError("unreachable")
 
     def _rest(self, http: httpx.Client, system: str, question: str) -> str:
-        with self._post(http, self._body(system, question, stream=False)) as response:
+        with self._post(http, chat_body(self.model, system, question)) as response:
             response.read()
             if response.status_code != 200:
                 return f"HTTP {response.status_code}: {response.text[:300]}"
@@ -200,7 +202,7 @@ class Load:
 
     def _rest_stream(self, http: httpx.Client, system: str, question: str) -> tuple[bool, str]:
         streaming = finished = done = False
-        with self._post(http, self._body(system, question, stream=True)) as response:
+        with self._post(http, chat_body(self.model, system, question, stream=True)) as response:
             if response.status_code != 200:
                 response.read()
                 return False, f"HTTP {response.status_code}: {response.text[:300]}"

@@ -24,7 +24,7 @@ from lmcluster.supervisor.v1 import supervisor_pb2
 
 from tests.chaos import report
 from tests.chaos.faults import copy_until_full, grow_download, new_release, quantize, rewrite_in_place, small_disk, wait_for
-from tests.chaos.load import Load
+from tests.chaos.load import Load, chat_body
 from tests.fixtures.stack import DEMO_BASE_ID, DEMO_FILE, DEMO_MODEL_ID, DEMO_PUBLISHER, DEMO_REPO, Stack
 
 # A scenario waits for a restart or a swap under load on a two-core machine: more than the default.
@@ -114,15 +114,7 @@ def test_swap_by_rename_loses_no_request_and_serves_no_old_answer(chaos_stack: S
     target = demo_path(chaos_stack)
     fresh = new_release(target, tmp_path / "download.gguf", context_length=4096)
     header = header_sha256(fresh)
-    question = {
-        "model": DEMO_MODEL_ID,
-        "messages": [
-            {"role": "system", "content": f"You are terse. Swap {secrets.token_hex(4)}."},
-            {"role": "user", "content": "Name a mountain."},
-        ],
-        "max_tokens": 6,
-        "temperature": 0,
-    }
+    question = chat_body(DEMO_MODEL_ID, f"You are terse. Swap {secrets.token_hex(4)}.", "Name a mountain.")
     with httpx.Client(base_url=chaos_stack.http_url, timeout=120.0) as http, Load(chaos_stack, DEMO_MODEL_ID) as load:
         ask(http, question)
         wait_for(lambda: ask(http, question).headers["x-lmc-cache"] == "hit", "the old model's answer cached", 30)

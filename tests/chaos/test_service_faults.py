@@ -25,7 +25,7 @@ import pytest
 
 from tests.chaos import report
 from tests.chaos.faults import part_healthy, part_pid, paused, wait_for
-from tests.chaos.load import Load, LoadResult
+from tests.chaos.load import Load, LoadResult, chat_body
 from tests.fixtures.stack import DEMO_MODEL_ID, Stack
 
 # A scenario waits for a restart or a swap under load on a two-core machine: more than the default.
@@ -114,15 +114,7 @@ def test_a_hung_part_costs_no_request(chaos_stack: Stack, part: str) -> None:
 def test_cached_answers_survive_a_redis_crash(chaos_stack: Stack) -> None:
     """Redis keeps its data (append-only file in the run folder): an answer cached before a
     SIGKILL of Redis is a hit after the launcher restarted it."""
-    body = {
-        "model": DEMO_MODEL_ID,
-        "messages": [
-            {"role": "system", "content": f"You are terse. Persistence {secrets.token_hex(4)}."},
-            {"role": "user", "content": "Name a large ocean."},
-        ],
-        "max_tokens": 6,
-        "temperature": 0,
-    }
+    body = chat_body(DEMO_MODEL_ID, f"You are terse. Persistence {secrets.token_hex(4)}.", "Name a large ocean.")
     with httpx.Client(base_url=chaos_stack.http_url, timeout=120.0) as http:
         first = http.post("/v1/chat/completions", json=body)
         assert first.status_code == 200, first.text
