@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from google.protobuf.json_format import MessageToDict
 from lmcluster.router.v1 import openai_pb2 as pb
 
 ChatResponse = pb.CreateChatCompletionResponse
@@ -108,6 +109,7 @@ class CompletionAssembler:
         self.usage: dict[str, int] | None = None
         self._text: dict[int, list[str]] = {}
         self._finish: dict[int, str] = {}
+        self._logprobs: dict[int, list[Any]] = {}
 
     def add(self, event: dict[str, Any]) -> None:
         self.id = self.id or str(event.get("id", ""))
@@ -120,6 +122,9 @@ class CompletionAssembler:
             self._text.setdefault(index, []).append(choice.get("text") or "")
             if choice.get("finish_reason"):
                 self._finish[index] = choice["finish_reason"]
+            logprobs = choice.get("logprobs") or {}
+            if isinstance(logprobs, dict) and logprobs.get("content"):
+                self._logprobs.setdefault(index, []).extend(logprobs["content"])
 
     @property
     def finished(self) -> bool:
@@ -138,6 +143,8 @@ class CompletionAssembler:
             choice = response.choices.add(index=index, text="".join(self._text[index]))
             if index in self._finish:
                 choice.finish_reason = self._finish[index]
+            if self._logprobs.get(index):
+                choice.logprobs.update(completion_logprobs(self._logprobs[index], text_offset=0))
         _fill_usage(response.usage, self.usage)
         return response
 
@@ -150,8 +157,57 @@ def _fill_usage(usage: pb.Usage, data: dict[str, Any] | None) -> None:
     usage.total_tokens = int(data.get("total_tokens") or usage.prompt_tokens + usage.completion_tokens)
 
 
+def completion_logprobs(entries: list[Any], *, text_offset: int | None = None) -> dict[str, Any]:
+    """llama-server's per-token logprobs (chat's `content` list) in the completions API's shape.
+
+    `tokens`, `token_logprobs`, `top_logprobs` (one {token: logprob} per position) and, when the
+    offset of the first token is known (a whole answer), `text_offset`.
+    """
+    tokens = [str(entry.get("token", "")) for entry in entries]
+    shaped: dict[str, Any] = {
+        "tokens": tokens,
+        "token_logprobs": [entry.get("logprob") for entry in entries],
+        "top_logprobs": [
+            {str(top.get("token", "")): top.get("logprob") for top in entry.get("top_logprobs") or []} for entry in entries
+        ],
+    }
+    if text_offset is not None:
+        offsets = []
+        for token in tokens:
+            offsets.append(text_offset)
+            text_offset += len(token)
+        shaped["text_offset"] = offsets
+    return shaped
+
+
 def _pieces(text: str) -> list[str]:
     return [text[i : i + REPLAY_CHUNK_CHARS] for i in range(0, len(text), REPLAY_CHUNK_CHARS)] or [""]
+
+
+def _chat_pieces(text: str, logprobs: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """A stored answer's text cut for replay, each piece with its chunk's logprobs (or None).
+
+    With logprobs whose tokens spell the text, one piece per token, as the live stream sent it;
+    otherwise pieces of REPLAY_CHUNK_CHARS, all logprobs in the first.
+    """
+    entries = logprobs.get("content") or []
+    if entries and "".join(str(entry.get("token", "")) for entry in entries) == text:
+        return [(str(entry.get("token", "")), {"content": [entry]}) for entry in entries]
+    pieces = _pieces(text)
+    return [(piece, {"content": entries} if entries and not position else None) for position, piece in enumerate(pieces)]
+
+
+def _completion_pieces(text: str, logprobs: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """As `_chat_pieces`, for a stored completion's logprobs (`tokens`, `token_logprobs`, `top_logprobs`)."""
+    tokens = [str(token) for token in logprobs.get("tokens") or []]
+    if tokens and "".join(tokens) == text:
+        values, tops = logprobs.get("token_logprobs") or [], logprobs.get("top_logprobs") or []
+        return [
+            (token, {"tokens": [token], "token_logprobs": values[i : i + 1], "top_logprobs": tops[i : i + 1]})
+            for i, token in enumerate(tokens)
+        ]
+    shaped = {key: value for key, value in logprobs.items() if key != "text_offset"}
+    return [(piece, shaped if shaped and not position else None) for position, piece in enumerate(_pieces(text))]
 
 
 def replay_chat(response: ChatResponse, *, include_usage: bool) -> list[pb.CreateChatCompletionStreamResponse]:
@@ -164,9 +220,12 @@ def replay_chat(response: ChatResponse, *, include_usage: bool) -> list[pb.Creat
         first.choices.add(index=choice.index, delta=pb.ChatCompletionDelta(role="assistant", content=""))
         chunks.append(first)
         if choice.message.HasField("content"):
-            for piece in _pieces(choice.message.content):
+            logprobs = MessageToDict(choice.logprobs) if choice.HasField("logprobs") else {}
+            for piece, piece_logprobs in _chat_pieces(choice.message.content, logprobs):
                 chunk = pb.CreateChatCompletionStreamResponse(**base)
-                chunk.choices.add(index=choice.index, delta=pb.ChatCompletionDelta(content=piece))
+                added = chunk.choices.add(index=choice.index, delta=pb.ChatCompletionDelta(content=piece))
+                if piece_logprobs:
+                    added.logprobs.update(piece_logprobs)
                 chunks.append(chunk)
         if choice.message.tool_calls:
             chunk = pb.CreateChatCompletionStreamResponse(**base)
@@ -191,9 +250,12 @@ def replay_completion(response: CompletionResponse, *, include_usage: bool) -> l
                 system_fingerprint=response.system_fingerprint)
     chunks = []
     for choice in response.choices:
-        for piece in _pieces(choice.text):
+        logprobs = MessageToDict(choice.logprobs) if choice.HasField("logprobs") else {}
+        for piece, piece_logprobs in _completion_pieces(choice.text, logprobs):
             chunk = pb.CreateCompletionStreamResponse(**base)
-            chunk.choices.add(index=choice.index, text=piece)
+            added = chunk.choices.add(index=choice.index, text=piece)
+            if piece_logprobs:
+                added.logprobs.update(piece_logprobs)
             chunks.append(chunk)
         last = pb.CreateCompletionStreamResponse(**base)
         last.choices.add(index=choice.index, text="", finish_reason=choice.finish_reason or "stop")

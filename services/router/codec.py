@@ -16,6 +16,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.router.v1 import openai_pb2 as pb
 
+from services.router.assembly import completion_logprobs
 from services.router.errors import InvalidRequest
 
 ChatRequest = pb.CreateChatCompletionRequest
@@ -238,13 +239,30 @@ def chat_chunk(data: dict[str, Any], model: str) -> pb.CreateChatCompletionStrea
     return chunk
 
 
+def _completion_logprobs(data: dict[str, Any], *, text_offset: int | None) -> dict[str, Any]:
+    """llama-server answers completions' logprobs in chat's shape; OpenAI's completions have their own."""
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not any(isinstance(c, dict) and isinstance(c.get("logprobs"), dict) for c in choices):
+        return data
+    shaped = []
+    for choice in choices:
+        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+        if isinstance(logprobs, dict) and isinstance(logprobs.get("content"), list):
+            choice = {**choice, "logprobs": completion_logprobs(logprobs["content"], text_offset=text_offset)}
+        shaped.append(choice)
+    return {**data, "choices": shaped}
+
+
 def completion_response(data: dict[str, Any], model: str) -> pb.CreateCompletionResponse:
+    data = _completion_logprobs(data, text_offset=0)
     response = json_format.ParseDict(_drop_nulls(data), pb.CreateCompletionResponse(), ignore_unknown_fields=True)
     response.model = model
     return response
 
 
 def completion_chunk(data: dict[str, Any], model: str) -> pb.CreateCompletionStreamResponse:
+    # A chunk does not know where its tokens start in the whole text: no `text_offset`.
+    data = _completion_logprobs(data, text_offset=None)
     chunk = json_format.ParseDict(_drop_nulls(data), pb.CreateCompletionStreamResponse(), ignore_unknown_fields=True)
     chunk.model = model
     return chunk

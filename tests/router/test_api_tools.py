@@ -143,7 +143,7 @@ def test_streamed_tool_call_events_are_openai_shaped(tools_stack: Stack) -> None
     assert first["function"]["name"] == "get_weather", first
     for fragment in rest:
         assert fragment["index"] == 0, fragment
-        assert not fragment.get("id") and not fragment.get("type"), fragment
+        assert "id" not in fragment and "type" not in fragment, fragment
         assert not fragment["function"].get("name"), fragment
     arguments = "".join(fragment["function"].get("arguments", "") for fragment in fragments)
     assert json.loads(arguments) == {"city": "Madrid"}
