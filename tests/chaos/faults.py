@@ -8,6 +8,7 @@ file rewritten in place, a download still growing, a copy that runs out of disk.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -17,12 +18,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import grpc
-import httpx
-import redis
 from gguf import GGUFReader
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.launcher import probes
 from tests.fixtures.parts import process_table
 from tests.fixtures.stack import Stack
 
@@ -58,23 +56,20 @@ def part_pid(stack: Stack, part: str) -> int:
     raise AssertionError(f"no {part} process below the launcher {launcher}")
 
 
-def grpc_serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-
 def part_healthy(stack: Stack, part: str) -> Callable[[], bool]:
-    """A probe that is true once the part answers again as it did before the fault."""
-    if part in SERVICES:
-        return lambda: grpc_serving(getattr(stack, part))
-    if part == "envoy":
-        return lambda: httpx.get(f"{stack.http_url}/readyz", timeout=1.0).status_code == 200
-    if part == "redis":
-        return lambda: bool(redis.Redis.from_url(stack.redis_url, socket_timeout=1.0).ping())
+    """True once the part answers again: the launcher's own readiness probe for it (Envoy's
+    `/readyz`, which also needs a SERVING Router), or a READY backend for llama-server."""
     if part == "llama-server":
         return lambda: bool(stack.ready_backends())
-    raise ValueError(part)
+    if part in SERVICES:
+        probe = probes.grpc_serving(getattr(stack, part))
+    elif part == "envoy":
+        probe = probes.http_ok(f"{stack.http_url}/readyz")
+    elif part == "redis":
+        probe = probes.redis_ping(stack.redis_url)
+    else:
+        raise ValueError(part)
+    return lambda: asyncio.run(probe())
 
 
 def wait_for(probe: Callable[[], object], what: str, timeout: float = HEAL_TIMEOUT) -> float:

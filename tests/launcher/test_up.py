@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.chaos.faults import part_pid
 from tests.fixtures.parts import free_port, process_alive, process_table
 from tests.fixtures.stack import DEMO_MODEL_ID, running_stack
 
@@ -66,18 +67,6 @@ def test_stopping_the_launcher_leaves_no_process_behind(
             assert "all stopped" in stack.log_path.read_text()
 
 
-def service_pid(launcher: int, service: str) -> int:
-    """The pid of `lmcluster serve SERVICE` below the launcher."""
-    for pid in descendants(launcher):
-        try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if argv[-3:-1] == [b"serve", service.encode()]:
-            return pid
-    raise AssertionError(f"no `serve {service}` below {launcher}")
-
-
 def test_a_part_that_crash_loops_stops_the_stack_and_is_named(
     tmp_path: Path, redis_stack: str, demo_models_dir: Path
 ) -> None:
@@ -86,13 +75,13 @@ def test_a_part_that_crash_loops_stops_the_stack_and_is_named(
     with running_stack(tmp_path / "stack", redis_url=redis_stack, models_dir=demo_models_dir, env=env) as stack:
         launcher = stack.part.process
         family = descendants(launcher.pid)
-        first = service_pid(launcher.pid, "cache")
+        first = part_pid(stack, "cache")
         os.kill(first, signal.SIGKILL)
         deadline = time.monotonic() + STOP_TIMEOUT
         while "cache restarted and ready" not in stack.log_path.read_text():
             assert time.monotonic() < deadline, stack.log_tail()
             time.sleep(0.2)
-        os.kill(service_pid(launcher.pid, "cache"), signal.SIGKILL)
+        os.kill(part_pid(stack, "cache"), signal.SIGKILL)
         code = launcher.wait(STOP_TIMEOUT)
         log = stack.log_path.read_text()
         assert code == 1, stack.log_tail()

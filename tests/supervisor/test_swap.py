@@ -6,13 +6,11 @@ import asyncio
 import contextlib
 import itertools
 import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from gguf import GGUFReader
 from prometheus_client import REGISTRY
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.supervisor.v1 import supervisor_pb2
@@ -20,6 +18,7 @@ from lmcluster.supervisor.v1 import supervisor_service_pb2 as pb
 from lmcluster.supervisor.v1 import supervisor_service_pb2_grpc as pb_grpc
 
 from services.registry.server import RunningRegistry
+from tests.chaos.faults import new_release
 from tests.supervisor.support import (
     DEMO_ALIAS,
     DEMO_RELATIVE,
@@ -36,16 +35,7 @@ STOPPED = supervisor_pb2.BACKEND_STATE_STOPPED
 
 def publish_new_release(models_dir: Path, demo_model: Path, scratch: Path) -> None:
     """What a finished download looks like: a different file of the same model renamed into place."""
-    new_file = scratch / "download.gguf"
-    shutil.copyfile(demo_model, new_file)
-    reader = GGUFReader(new_file, "r+")
-    # A re-release with a shorter trained context: inside the first MiB, so the header hash differs.
-    context = reader.get_field("llama.context_length")
-    assert context is not None
-    context.parts[context.data[0]][0] = 4096
-    reader.data.flush()
-    del reader, context
-    os.replace(new_file, models_dir / DEMO_RELATIVE)
+    os.replace(new_release(demo_model, scratch / "download.gguf", context_length=4096), models_dir / DEMO_RELATIVE)
 
 
 @dataclass
