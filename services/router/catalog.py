@@ -29,27 +29,58 @@ class ModelRoute:
 
 
 class ModelCatalog:
+    """The models of every node, merged: a model id names the same file path on every node.
+
+    Each node's WatchModels replaces that node's part only (a snapshot after a reconnect never
+    patches across a gap); the merged record of a model is a READY one when some node has it READY.
+    """
+
     def __init__(self) -> None:
+        self._by_node: dict[str, dict[str, registry_pb2.Model]] = {}
         self._models: dict[str, registry_pb2.Model] = {}
         self._names: dict[str, str] = {}
         self.revision = 0
         self.synced = False
         self._synced = asyncio.Event()
 
-    def apply(self, message: registry_service_pb2.WatchModelsResponse) -> None:
+    def apply(self, message: registry_service_pb2.WatchModelsResponse, node: str = "") -> None:
         kind = message.WhichOneof("update")
         if kind == "snapshot":
-            self._models = {m.id: m for m in message.snapshot.models}
+            self._by_node[node] = {m.id: m for m in message.snapshot.models}
             self.synced = True
             self._synced.set()
         elif kind == "event":
+            models = self._by_node.setdefault(node, {})
             event = message.event
             if event.type == registry_service_pb2.MODEL_EVENT_TYPE_REMOVED:
-                self._models.pop(event.model.id, None)
+                models.pop(event.model.id, None)
             else:
-                self._models[event.model.id] = event.model
-        self.revision = message.revision
+                models[event.model.id] = event.model
+        self.revision += 1
+        self._merge()
+
+    def forget(self, node: str) -> None:
+        """A node that left: its models are served only from the nodes that also have them."""
+        if self._by_node.pop(node, None) is not None:
+            self.revision += 1
+            self._merge()
+
+    def _merge(self) -> None:
+        merged: dict[str, registry_pb2.Model] = {}
+        for node in sorted(self._by_node):
+            for model_id, model in self._by_node[node].items():
+                held = merged.get(model_id)
+                if held is None or (held.state != READY and model.state == READY):
+                    merged[model_id] = model
+        self._models = merged
         self._reindex()
+
+    def nodes_with(self, model_id: str) -> list[str]:
+        """The nodes whose Registry has the model's file READY, in a stable order."""
+        return sorted(
+            node for node, models in self._by_node.items()
+            if (model := models.get(model_id)) is not None and model.state == READY
+        )  # fmt: skip
 
     def _reindex(self) -> None:
         names: dict[str, str] = {}

@@ -40,3 +40,10 @@ BACKEND_OUTSTANDING = Gauge(
     "Generations the Router has running on each backend (its busy slots as the Router sees them).",
     ["backend", "model"],
 )
+PREFIX_ROUTING = Counter(
+    "lmc_router_prefix_routing_total",
+    "Requests with a shared prompt prefix by where they went: the key's preferred replica, the next one "
+    "within the load bound, or the least loaded one (every replica above the bound).",
+    ["outcome"],
+)
+NODES = Gauge("lmc_router_nodes", "Inference nodes the Router follows, by state.", ["state"])

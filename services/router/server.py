@@ -1,4 +1,4 @@
-"""The Router process: follows the Registry and the Supervisor, serves RouterService."""
+"""The Router process: follows every node's Registry and Supervisor, serves RouterService."""
 
 from __future__ import annotations
 
@@ -11,15 +11,14 @@ from dataclasses import dataclass
 import grpc
 from lmcluster.cache.v1 import cache_service_pb2_grpc
 from lmcluster.embedding.v1 import embedding_service_pb2_grpc
-from lmcluster.registry.v1 import registry_service_pb2, registry_service_pb2_grpc
 from lmcluster.router.v1 import router_service_pb2, router_service_pb2_grpc
-from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_pb2_grpc
 
 from services.common.server import ServiceHost, run_service
 from services.router.caching import AnswerCache
 from services.router.catalog import ModelCatalog
-from services.router.follow import cancel_and_wait, follow_watch
+from services.router.follow import cancel_and_wait
 from services.router.llama_client import LlamaClient
+from services.router.nodes import NodeSet
 from services.router.routing import RoutingTable
 from services.router.servicer import RouterServicer
 from services.router.settings import RouterSettings
@@ -39,6 +38,7 @@ class RouterRuntime:
     table: RoutingTable
     cache: AnswerCache
     llama: LlamaClient
+    nodes: NodeSet
     channels: list[grpc.aio.Channel]
     watchers: list[asyncio.Task[None]]
 
@@ -48,6 +48,7 @@ class RouterRuntime:
         await self.cache.drain()
         for task in self.watchers:
             await cancel_and_wait(task)
+        await self.nodes.close()
         await self.llama.aclose()
         for channel in reversed(self.channels):
             await channel.close()
@@ -55,13 +56,9 @@ class RouterRuntime:
 
 @contextlib.asynccontextmanager
 async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntime]:
-    """Starts a Router (health SERVING once it heard from the Registry and the Supervisor)."""
-    registry_channel = grpc.aio.insecure_channel(settings.registry_address)
-    supervisor_channel = grpc.aio.insecure_channel(settings.supervisor_address)
+    """Starts a Router (health SERVING once it heard from a node's Registry and Supervisor)."""
     embedding_channel = grpc.aio.insecure_channel(settings.embedding_address)
     cache_channel = grpc.aio.insecure_channel(settings.cache_address)
-    registry = registry_service_pb2_grpc.RegistryServiceStub(registry_channel)
-    supervisor = supervisor_service_pb2_grpc.SupervisorServiceStub(supervisor_channel)
     embedding = embedding_service_pb2_grpc.EmbeddingServiceStub(embedding_channel)
 
     catalog = ModelCatalog()
@@ -70,7 +67,9 @@ async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntim
         queue_timeout=settings.queue_timeout_seconds,
         overflow_queue_threshold=settings.overflow_queue_threshold,
         retry_after=settings.retry_after_seconds,
+        load_factor=settings.prefix_load_factor,
     )
+    nodes = NodeSet(settings, catalog, table)
     cache = AnswerCache(
         embedding,
         cache_service_pb2_grpc.CacheServiceStub(cache_channel),
@@ -83,26 +82,14 @@ async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntim
         token_timeout=settings.token_timeout_seconds,
     )
     servicer = RouterServicer(
-        settings, catalog=catalog, table=table, cache=cache, llama=llama, supervisor=supervisor, embedding=embedding,
-        supervisor_channel=supervisor_channel,
+        settings, catalog=catalog, table=table, cache=cache, llama=llama, nodes=nodes, embedding=embedding
     )
     host = ServiceHost("router", settings, [SERVICE_NAME])
     host.add(router_service_pb2_grpc.add_RouterServiceServicer_to_server, servicer)
-    watchers = [
-        asyncio.create_task(
-            follow_watch("registry", lambda: registry.WatchModels(registry_service_pb2.WatchModelsRequest()), catalog.apply)
-        ),
-        asyncio.create_task(
-            follow_watch(
-                "supervisor", lambda: supervisor.WatchBackends(supervisor_service_pb2.WatchBackendsRequest()), table.apply
-            )
-        ),
-    ]
-    runtime = RouterRuntime(
-        host, servicer, catalog, table, cache, llama,
-        [registry_channel, supervisor_channel, embedding_channel, cache_channel], watchers,
-    )
+    watchers: list[asyncio.Task[None]] = []
+    runtime = RouterRuntime(host, servicer, catalog, table, cache, llama, nodes, [embedding_channel, cache_channel], watchers)
     try:
+        await nodes.start()
         await host.start()
         watchers.append(asyncio.create_task(_serve_when_synced(runtime)))
         yield runtime
@@ -114,7 +101,7 @@ async def _serve_when_synced(runtime: RouterRuntime) -> None:
     while not (runtime.catalog.synced and runtime.table.synced):
         await asyncio.sleep(0.05)
     await runtime.host.set_serving(True)
-    log.info("router ready: registry and supervisor followed")
+    log.info("router ready: following %d node(s)", len(runtime.nodes.nodes))
 
 
 async def serve(settings: RouterSettings) -> None:

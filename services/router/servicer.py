@@ -24,10 +24,10 @@ from google.protobuf.message import Message
 from lmcluster.embedding.v1 import embedding_service_pb2, embedding_service_pb2_grpc
 from lmcluster.router.v1 import openai_pb2 as pb
 from lmcluster.router.v1 import router_service_pb2, router_service_pb2_grpc
-from lmcluster.supervisor.v1 import supervisor_service_pb2, supervisor_service_pb2_grpc
+from lmcluster.supervisor.v1 import supervisor_service_pb2
 
 from services.common import gateway
-from services.router import assembly, codec, fields, metrics, observe, responses
+from services.router import affinity, assembly, codec, fields, metrics, observe, responses
 from services.common.cache_scope import weights_identity
 from services.router.caching import AnswerCache, CacheDecision, same_weights, tenant_of
 from services.router.catalog import ModelCatalog, ModelRoute
@@ -41,6 +41,7 @@ from services.router.errors import (
 )
 from services.router.generation import Coalescer, Generation
 from services.router.llama_client import LlamaClient
+from services.router.nodes import Node, NodeSet
 from services.router.routing import RoutingTable
 from services.router.settings import RouterSettings
 
@@ -91,17 +92,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         table: RoutingTable,
         cache: AnswerCache,
         llama: LlamaClient,
-        supervisor: supervisor_service_pb2_grpc.SupervisorServiceStub,
+        nodes: NodeSet,
         embedding: embedding_service_pb2_grpc.EmbeddingServiceStub,
-        supervisor_channel: grpc.aio.Channel | None = None,
     ) -> None:
         self._settings = settings
         self._catalog = catalog
         self._table = table
         self._cache = cache
         self._llama = llama
-        self._supervisor = supervisor
-        self._supervisor_channel = supervisor_channel
+        self._nodes = nodes
         self._embedding = embedding
         self._coalescer = Coalescer()
         self._cold_starts: dict[str, asyncio.Task[None]] = {}
@@ -243,7 +242,13 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         codec.validate(request)
         if not await self._catalog.wait_synced(self._settings.startup_wait_seconds):
             raise ModelUnavailable("the Router has not heard from the Registry yet; retry shortly", retry_after=2)
-        route = self._catalog.resolve(request.model, self._table.serves)
+        try:
+            route = self._catalog.resolve(request.model, self._table.serves)
+        except (ModelNotFound, ModelUnavailable):
+            # Just after start, a node not yet heard from may have the model.
+            if not await self._nodes.settle(self._settings.startup_wait_seconds):
+                raise
+            route = self._catalog.resolve(request.model, self._table.serves)
         codec.check_modalities(request, map(self._catalog.get, route.variant_ids))
         best = self._catalog.get(route.variant_ids[0])
         base_model = (best.base_id if best is not None and not route.pinned else "") or route.variant_ids[0]
@@ -396,8 +401,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         usage = response.usage  # type: ignore[attr-defined]
         metrics.GENERATED_TOKENS.labels(generation.model_id).inc(usage.completion_tokens)
         metrics.PROMPT_TOKENS.labels(generation.model_id).inc(usage.prompt_tokens)
-        backend = next((load.backend for load in self._table.backends_of(generation.model_id)
-                        if load.backend.id == generation.backend_id), None)  # fmt: skip
+        load = self._table.find(generation.backend_id)
+        backend = load.backend if load is not None else None
         if assembler.finished and same_weights(self._catalog.get(generation.model_id), backend):
             ttl = request.cache.ttl_seconds if request.cache.HasField("ttl_seconds") else None
             self._cache.store_later(prepared.decision, response, generation.model_id, ttl)
@@ -419,6 +424,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         tried: set[str] = set()
         attempts = 0
         first_failure = 0.0
+        prefix = affinity.prefix_key(request) if self._settings.balance == "prefix" else ""
         while True:
             # The `backend choice` span: from here (cold start and queue wait included) to a held slot.
             choosing, depth = time.time_ns(), self._table.queue_depth()
@@ -427,12 +433,15 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             if tried and not self._table.has_ready(route.variant_ids, exclude=tried):
                 tried.clear()  # every backend left was tried: try them again rather than wait for a new one
             metrics.QUEUE_DEPTH.set(self._table.queue_depth() + 1)
+            scale_out = self._scale_out_later(route)
             try:
-                async with self._table.lease(route.variant_ids, exclude=frozenset(tried)) as lease:
+                async with self._table.lease(route.variant_ids, exclude=frozenset(tried), affinity=prefix) as lease:
+                    if scale_out is not None:
+                        scale_out.cancel()
                     metrics.QUEUE_DEPTH.set(self._table.queue_depth())
                     observe.record_backend_choice(choosing, route, lease, depth)
                     generation.model_id = lease.model_id
-                    generation.backend_id = lease.load.backend.id
+                    generation.backend_id = lease.load.key
                     metrics.VARIANT_CHOICE.labels(route.requested, lease.model_id).inc()
                     body = codec.backend_body(
                         request, backend_model=lease.backend_model, stream=True,
@@ -441,9 +450,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     received = False
                     try:
                         events = self._llama.stream(lease.endpoint, api.path, body)
-                        async for event in observe.traced_generation(api.name, lease, body, events):
-                            received = True
-                            yield event
+                        async with lease.unless_lost():
+                            async for event in observe.traced_generation(api.name, lease, body, events):
+                                received = True
+                                yield event
                         return
                     except RouterError as error:
                         if received:
@@ -456,10 +466,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             raise
                         attempts += 1
                         metrics.RETRIES.inc()
-                        tried.add(lease.load.backend.id)
-                        self._table.avoid(lease.load.backend.id)
-                        log.warning("backend %s failed before the first token (%s); retrying", lease.load.backend.id, error)
+                        tried.add(lease.load.key)
+                        self._table.avoid(lease.load.key)
+                        log.warning("backend %s failed before the first token (%s); retrying", lease.load.key, error)
             finally:
+                if scale_out is not None:
+                    scale_out.cancel()
                 metrics.QUEUE_DEPTH.set(self._table.queue_depth())
             if not self._table.has_ready(route.variant_ids):
                 # Every replica failed: wait for the Supervisor to restart one (or start it ourselves).
@@ -467,46 +479,78 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 await asyncio.sleep(0.5)
 
     async def _ensure_backend(self, route: ModelRoute) -> None:
-        """Asks the Supervisor to start the route's best variant; concurrent callers share one call."""
-        model_id = route.variant_ids[0]
+        """Asks a node's Supervisor to start the route's best variant; concurrent callers share one call."""
+        await asyncio.shield(self._start_model(route.variant_ids[0]))
+
+    def _start_model(self, model_id: str) -> asyncio.Task[None]:
         task = self._cold_starts.get(model_id)
         if task is None or task.done():
-            task = asyncio.create_task(self._call_ensure(model_id))
+            task = asyncio.create_task(self._call_ensure(model_id), name=f"ensure-{model_id[:40]}")
             self._cold_starts[model_id] = task
-        await asyncio.shield(task)
+        return task
+
+    def _scale_out_later(self, route: ModelRoute) -> asyncio.TimerHandle | None:
+        """When every slot of the route is busy, a request still waiting after `scale_out_after_seconds`
+        starts the best variant that has no backend yet (a lighter one than those running)."""
+        delay = self._settings.scale_out_after_seconds
+        if route.pinned or delay <= 0 or len(route.variant_ids) < 2 or self._table.has_free_slot(route.variant_ids):
+            return None
+        idle = [m for m in route.variant_ids if not self._table.backends_of(m)]
+        if not idle:
+            return None
+
+        def start() -> None:
+            if not self._table.has_free_slot(route.variant_ids):
+                log.info("every slot of %s stayed busy for %.0f s: starting %s", route.requested, delay, idle[0])
+                task = self._start_model(idle[0])
+                task.add_done_callback(_log_failure)
+
+        return asyncio.get_running_loop().call_later(delay, start)
 
     async def _call_ensure(self, model_id: str) -> None:
-        """EnsureBackend; a Supervisor that cannot be reached (restarting) is waited for, bounded."""
+        """EnsureBackend on the nodes that have the file (fewest backends first); a node that refuses
+        (no room, unknown file) passes to the next; nodes that cannot be reached (restarting) are
+        waited for, bounded by the recovery wait."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._settings.recovery_wait_seconds
         delay = 0.1
         while True:
-            try:
-                reply = await self._supervisor.EnsureBackend(
-                    supervisor_service_pb2.EnsureBackendRequest(model=model_id),
-                    timeout=self._settings.cold_start_timeout_seconds,
+            refusal: grpc.aio.AioRpcError | None = None
+            for node in self._nodes.candidates(model_id):
+                try:
+                    reply = await node.supervisor.EnsureBackend(
+                        supervisor_service_pb2.EnsureBackendRequest(model=model_id),
+                        timeout=self._settings.cold_start_timeout_seconds,
+                    )
+                except grpc.aio.AioRpcError as error:
+                    if not _unreachable(node, error):
+                        refusal = refusal if refusal is not None and error.code() == grpc.StatusCode.NOT_FOUND else error
+                    continue
+                self._table.add(reply.backend, node.key)
+                return
+            if refusal is not None and (refusal.code() != grpc.StatusCode.UNAVAILABLE or loop.time() >= deadline):
+                if refusal.code() == grpc.StatusCode.NOT_FOUND:
+                    raise ModelNotFound(f"The model `{model_id}` is unknown to the Supervisor.", param="model")
+                raise ModelUnavailable(f"The model `{model_id}` cannot be started: {refusal.details()}", retry_after=2)
+            if loop.time() >= deadline:
+                raise ModelUnavailable(
+                    f"The model `{model_id}` cannot be started: no node's Supervisor can be reached", retry_after=2
                 )
-                break
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
-                    raise ModelNotFound(f"The model `{model_id}` is unknown to the Supervisor.", param="model") from error
-                if not self._supervisor_unreachable(error) or loop.time() >= deadline:
-                    raise ModelUnavailable(
-                        f"The model `{model_id}` cannot be started: {error.details()}", retry_after=2
-                    ) from error
-            # The restarted Supervisor's watch may bring a READY backend before EnsureBackend answers.
+            # A node that comes back may bring a READY backend in its watch before EnsureBackend answers.
             if self._table.has_ready((model_id,)):
                 return
             await asyncio.sleep(delay)
             delay = min(1.0, delay * 2)
-        self._table.add(reply.backend)
 
-    def _supervisor_unreachable(self, error: grpc.aio.AioRpcError) -> bool:
-        """UNAVAILABLE from the transport (no Supervisor answered), not a refusal the Supervisor sent."""
-        if error.code() != grpc.StatusCode.UNAVAILABLE:
-            return False
-        channel = self._supervisor_channel
-        return channel is None or channel.get_state() != grpc.ChannelConnectivity.READY
+
+def _unreachable(node: Node, error: grpc.aio.AioRpcError) -> bool:
+    """UNAVAILABLE from the transport (no Supervisor answered), not a refusal the Supervisor sent."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and node.unreachable()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("starting a lighter variant failed: %s", task.exception())
 
 
 # --- helpers -------------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -16,6 +18,29 @@ class RouterSettings(ServiceSettings):
 
     registry_address: str = "127.0.0.1:50055"
     supervisor_address: str = "127.0.0.1:50054"
+    # A cluster: every inference node's Registry and Supervisor (docs/cluster.md). When set, the two
+    # addresses above are not used.
+    nodes: str = Field(
+        "",
+        description=(
+            "Inference nodes, comma-separated addresses or DNS names (a name may resolve to several nodes, "
+            "e.g. a Kubernetes headless Service); empty: the one Registry and Supervisor above."
+        ),
+    )
+    node_registry_port: int = Field(50055, ge=1, le=65535, description="The Registry's port on every node.")
+    node_supervisor_port: int = Field(50054, ge=1, le=65535, description="The Supervisor's port on every node.")
+    node_resolve_seconds: float = Field(5.0, gt=0, description="How often node names are resolved again.")
+    node_lost_seconds: float = Field(
+        3.0,
+        ge=0,
+        description=(
+            "A node whose Supervisor cannot be reached gets no new requests at once; after this long its backends "
+            "leave the table and streams still running on them end with an error."
+        ),
+    )
+    node_keepalive_seconds: float = Field(
+        2.0, gt=0, description="Keepalive pings to each node: a node cut off (no reset) is noticed within about 2x this."
+    )
     embedding_address: str = "127.0.0.1:50052"
     cache_address: str = "127.0.0.1:50053"
 
@@ -45,6 +70,25 @@ class RouterSettings(ServiceSettings):
     retry_after_seconds: int = Field(2, ge=1, description="Retry-After sent with 429 when the queue is full.")
     overflow_queue_threshold: int = Field(
         0, ge=0, description="Waiting requests on the best variant before requests overflow to a lighter one."
+    )
+    balance: Literal["prefix", "least_outstanding"] = Field(
+        "prefix",
+        description=(
+            "'prefix': requests sharing a prompt prefix (system prompt, documents, earlier turns) go to the same "
+            "replica while it has room (consistent hashing with bounded load), so its prompt cache is reused; "
+            "'least_outstanding': the replica with the fewest requests."
+        ),
+    )
+    prefix_load_factor: float = Field(
+        1.25, ge=1.0, description="A replica takes its prefixes' requests while below this times the mean load."
+    )
+    scale_out_after_seconds: float = Field(
+        5.0,
+        ge=0,
+        description=(
+            "A request that waited this long for a slot of the best variant starts the next lighter variant "
+            "that has no backend yet (0: never)."
+        ),
     )
     max_retries_before_first_token: int = Field(2, ge=0, description="Retries on another backend.")
     default_max_tokens: int = Field(0, ge=0, description="max_tokens sent when the request has none (0: none).")
