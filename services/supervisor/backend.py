@@ -37,7 +37,7 @@ from services.common.children import OWN_PROCESS_GROUP, dies_with_parent
 from services.supervisor import metrics
 from services.supervisor.capacity import MemoryEstimate, estimate_memory
 from services.supervisor.flags import LaunchPlan, build_command
-from services.supervisor.ports import PortPool
+from services.supervisor.ports import PortPool, advertised_host, host_port, local_host
 from services.supervisor.settings import SupervisorSettings
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,20 @@ class Backend:
 
     # --- what others read ----------------------------------------------------------------------
     @property
+    def address(self) -> str:
+        """HOST:PORT other hosts reach llama-server at (the advertised host, not the bind host)."""
+        if not self.port:
+            return ""
+        return host_port(advertised_host(self.settings.backend_host, self.settings.advertise_host), self.port)
+
+    @property
     def endpoint(self) -> str:
-        return f"http://{self.settings.backend_host}:{self.port}" if self.port else ""
+        return f"http://{self.address}" if self.port else ""
+
+    @property
+    def _local_url(self) -> str:
+        """Where the Supervisor itself checks llama-server: on this machine, whatever is advertised."""
+        return f"http://{host_port(local_host(self.settings.backend_host), self.port)}"
 
     @property
     def pid(self) -> int:
@@ -385,7 +397,7 @@ class Backend:
                 await self._drain_reader()
                 return self._failure(f"{describe_exit(exited.result())} while loading")
             try:
-                reply = await self._http.get(f"{self.endpoint}/health")
+                reply = await self._http.get(f"{self._local_url}/health")
                 if reply.status_code == 200:
                     return None
             except httpx.HTTPError:
@@ -426,14 +438,14 @@ class Backend:
 
     async def _healthy(self) -> bool:
         try:
-            return (await self._http.get(f"{self.endpoint}/health")).status_code == 200
+            return (await self._http.get(f"{self._local_url}/health")).status_code == 200
         except httpx.HTTPError:
             return False
 
     async def _refresh_slots(self) -> None:
         """Slot count, per-slot context and busy slots from /slots; notifies when busy changes."""
         try:
-            reply = await self._http.get(f"{self.endpoint}/slots")
+            reply = await self._http.get(f"{self._local_url}/slots")
             slots = reply.json() if reply.status_code == 200 else None
         except (httpx.HTTPError, ValueError):
             slots = None
@@ -454,7 +466,7 @@ class Backend:
     async def _refresh_usage(self) -> None:
         """Infers use from /metrics: tokens processed since the last check mean someone used it."""
         try:
-            reply = await self._http.get(f"{self.endpoint}/metrics")
+            reply = await self._http.get(f"{self._local_url}/metrics")
             values = parse_prometheus(reply.text) if reply.status_code == 200 else {}
         except httpx.HTTPError:
             return
@@ -468,8 +480,8 @@ class Backend:
     async def in_flight(self) -> int | None:
         """Requests processing or waiting for a slot right now; None when the backend does not answer."""
         try:
-            slots_reply = await self._http.get(f"{self.endpoint}/slots")
-            metrics_reply = await self._http.get(f"{self.endpoint}/metrics")
+            slots_reply = await self._http.get(f"{self._local_url}/slots")
+            metrics_reply = await self._http.get(f"{self._local_url}/metrics")
         except httpx.HTTPError:
             return None
         busy = 0

@@ -99,7 +99,8 @@ def write_scrape_targets(path: Path, backends: Iterable[Backend]) -> None:
     """Prometheus `file_sd_configs` JSON: one target group per backend, labelled with its model."""
     groups = [
         {
-            "targets": [f"{backend.settings.backend_host}:{backend.port}"],
+            # The advertised address: Prometheus may run on another host.
+            "targets": [backend.address],
             "labels": {
                 "backend": backend.id,
                 "model": backend.model.id,

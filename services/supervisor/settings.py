@@ -48,6 +48,13 @@ class SupervisorSettings(ServiceSettings):
 
     # --- backends' network --------------------------------------------------------------------
     backend_host: str = Field("127.0.0.1", description="Interface llama-server listens on (`--host`).")
+    advertise_host: str = Field(
+        "",
+        description=(
+            "Address or name other hosts reach the backends at (endpoints, metrics URLs, scrape targets); empty: "
+            "the backend host, or this machine's name resolved to an address when that is a wildcard (0.0.0.0, ::)."
+        ),
+    )
     port_range_start: int = Field(8100, ge=1, le=65535, description="First port of the backend pool.")
     port_range_end: int = Field(8199, ge=1, le=65535, description="Last port of the backend pool (inclusive).")
 
