@@ -6,7 +6,8 @@ local launcher never drift apart:
 
 - `LMC_HTTP_PORT` (8080) on 0.0.0.0; admin on `LMC_ENVOY_ADMIN_PORT` (9901), on 0.0.0.0 inside the
   container so Prometheus can scrape /stats/prometheus (the compose file does not publish it);
-- the Router at `LMC_ROUTER_ADDRESS` (router:50051, a name Envoy resolves and re-resolves);
+- the Routers at `LMC_ROUTER_ADDRESS`: one HOST:PORT or a comma-separated list (router:50051, a name
+  Envoy resolves and re-resolves, every address it resolves to a Router of its own);
 - `LMC_API_KEYS`, and tracing from the standard `OTEL_EXPORTER_OTLP_ENDPOINT` and `OTEL_*`.
 
 `--render-only PATH` writes the configuration and exits (the tests validate it with Envoy).
@@ -33,7 +34,7 @@ class EnvoyContainerSettings(BaseSettings):
 
     http_port: int = Field(8080, ge=1, le=65535)
     envoy_admin_port: int = Field(9901, ge=1, le=65535)
-    router_address: str = "router:50051"
+    router_address: str = Field("router:50051", description="HOST:PORT of each Router, comma-separated.")
     api_keys: str = ""
     envoy_config: Path = Path("/tmp/envoy.yaml")
 

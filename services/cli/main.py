@@ -29,14 +29,50 @@ app.add_typer(cache_app, name="cache")
 
 
 @app.command()
-def up() -> None:
-    """Run the whole stack in the foreground (what `make up` runs); Ctrl-C stops everything."""
+def up(
+    # A plain string (the settings check it): the CLI module stays light for `lmcluster serve`.
+    role: Annotated[
+        str | None,
+        typer.Option(
+            metavar="all|node|gateway",
+            help="all: everything on this host; node: Registry + Supervisor; gateway: the rest. [LMC_ROLE]",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address a node's parts bind (default 127.0.0.1). [LMC_NODE_HOST]")
+    ] = None,
+    advertise_host: Annotated[
+        str | None,
+        typer.Option(help="Where other hosts reach a node's backends (default: --host). [LMC_NODE_ADVERTISE_HOST]"),
+    ] = None,
+    nodes: Annotated[
+        str | None, typer.Option(help="A gateway's nodes: addresses or DNS names, comma-separated. [LMC_NODES]")
+    ] = None,
+    routers: Annotated[
+        int | None, typer.Option(min=1, help="Router processes behind Envoy (default 1). [LMC_ROUTERS]")
+    ] = None,
+) -> None:
+    """Run this host's role in the foreground (all of it: what `make up` runs); Ctrl-C stops everything."""
+    import pydantic
+
     from services.common.logging import configure_logging
     from services.launcher.settings import StackSettings
     from services.launcher.stack import run_stack
 
+    flags = {"role": role, "node_host": host, "node_advertise_host": advertise_host, "nodes": nodes, "routers": routers}
+    try:
+        settings = StackSettings(**{name: value for name, value in flags.items() if value is not None})
+    except pydantic.ValidationError as error:
+        for problem in error.errors():
+            # Our own checks name the flag; pydantic's name the setting.
+            where = "" if problem["type"] == "value_error" else f"{'.'.join(map(str, problem['loc']))}: "
+            typer.echo(f"lmcluster up: {where}{problem['msg'].removeprefix('Value error, ')}", err=True)
+        raise typer.Exit(2) from None
+    if settings.role != "node" and (host or advertise_host):
+        typer.echo("lmcluster up: --host and --advertise-host are for --role node", err=True)
+        raise typer.Exit(2)
     configure_logging("launcher")
-    raise typer.Exit(asyncio.run(run_stack(StackSettings())))
+    raise typer.Exit(asyncio.run(run_stack(settings)))
 
 
 @app.command()

@@ -8,7 +8,8 @@ matches fails here with a message that says what is missing, rather than renderi
 configuration that silently keeps a default.
 
 - the public listener's port (and, optionally, address) and the admin port,
-- the `router` cluster's endpoint (an IP address: STATIC; a host name: STRICT_DNS),
+- the `router` cluster's endpoints, one per Router (all IP addresses: STATIC; any host name:
+  STRICT_DNS, so a name that resolves to several Routers is all of them, re-resolved),
 - the transcoder's descriptor set, made absolute (Envoy resolves paths against its working dir),
 - API keys: an `envoy.filters.http.api_key_auth` filter, inserted only when keys are given,
 - the request body limit (413 beyond it), the token bucket of the local rate limit (429), the
@@ -22,6 +23,7 @@ A limit left at None keeps the template's value.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import ipaddress
 import math
@@ -62,7 +64,7 @@ def render_envoy_config(
     *,
     http_port: int,
     admin_port: int,
-    router_address: str = "127.0.0.1:50051",
+    router_address: str | Sequence[str] = "127.0.0.1:50051",
     descriptor_set: Path,
     api_keys: Sequence[str] = (),
     max_request_bytes: int | None = None,
@@ -77,7 +79,9 @@ def render_envoy_config(
     """Writes `template` rendered for one run to `out` (mode 0600: it may hold API keys); returns `out`.
 
     - `http_port`, `admin_port`: 0 lets the kernel pick (read them back from the admin API).
-    - `router_address`: HOST:PORT of the Router (`[v6]:PORT` for IPv6).
+    - `router_address`: HOST:PORT of the Router (`[v6]:PORT` for IPv6), or several (a sequence or a
+      comma-separated string): one endpoint each, balanced by least requests. All IP addresses:
+      STATIC; any name among them: STRICT_DNS, every address it resolves to a Router.
     - `api_keys`: empty leaves the API open; otherwise every request except /healthz and /readyz
       needs `Authorization: Bearer KEY` with one of them (401 otherwise).
     - `max_request_bytes`: the largest request body (413 beyond it).
@@ -195,22 +199,42 @@ def _split_address(address: str) -> tuple[str, int]:
     return host, port
 
 
-def _set_router_address(config: Config, router_address: str, where: str) -> None:
-    host, port = _split_address(router_address)
-    cluster = _named(_get(config["static_resources"], "clusters", where), _CLUSTER, where)
+def _router_addresses(router_address: str | Sequence[str]) -> list[tuple[str, int]]:
+    """One (host, port) per Router, each given once; a string is one address or a comma-separated list."""
+    given = router_address.split(",") if isinstance(router_address, str) else list(router_address)
+    addresses = list(dict.fromkeys(_split_address(address) for address in given if address.strip()))
+    if not addresses:
+        raise ValueError("no router address given")
+    return addresses
+
+
+def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
-        cluster["type"] = "STATIC"
     except ValueError:
-        # A name (e.g. a Kubernetes Service) is resolved, and re-resolved, by Envoy.
-        cluster["type"] = "STRICT_DNS"
+        return False
+    return True
+
+
+def _set_router_address(config: Config, router_address: str | Sequence[str], where: str) -> None:
+    addresses = _router_addresses(router_address)
+    cluster = _named(_get(config["static_resources"], "clusters", where), _CLUSTER, where)
+    # A name (e.g. a Kubernetes headless Service: every Router pod) is resolved, and re-resolved, by
+    # Envoy; STRICT_DNS makes each address it resolves to a host of its own.
+    cluster["type"] = "STATIC" if all(_is_ip(host) for host, _ in addresses) else "STRICT_DNS"
     endpoints = _get(_get(cluster, "load_assignment", where), "endpoints", where)
     lb_endpoints = endpoints[0]["lb_endpoints"] if endpoints else []
     if len(endpoints) != 1 or len(lb_endpoints) != 1:
         raise EnvoyTemplateError(f"{where}: cluster `{_CLUSTER}` must have exactly one endpoint")
-    address = _socket_address(_get(lb_endpoints[0], "endpoint", where), where)
-    address["address"] = host
-    address["port_value"] = port
+    # The template's endpoint, repeated with each address (anything else it sets is kept).
+    rendered = []
+    for host, port in addresses:
+        lb_endpoint = copy.deepcopy(lb_endpoints[0])
+        address = _socket_address(_get(lb_endpoint, "endpoint", where), where)
+        address["address"] = host
+        address["port_value"] = port
+        rendered.append(lb_endpoint)
+    endpoints[0]["lb_endpoints"] = rendered
 
 
 def _set_tracing(config: Config, hcm: Config, telemetry: TelemetrySettings | None, where: str) -> None:
