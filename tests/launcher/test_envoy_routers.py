@@ -88,7 +88,7 @@ def test_long_generations_are_balanced_by_least_requests_and_retries_prefer_anot
     (virtual_host,) = hcm["route_config"]["virtual_hosts"]
     retry = virtual_host["retry_policy"]
     # The retry policy as before: only requests no Router has seen.
-    assert retry["retry_on"] == "connect-failure,refused-stream,reset-before-request"
+    assert retry["retry_on"] == "connect-failure,refused-stream,reset-before-request,reset"
     assert retry["num_retries"] == 25
     assert [p["name"] for p in retry["retry_host_predicate"]] == ["envoy.retry_host_predicates.previous_hosts"]
     assert retry["host_selection_retry_max_attempts"] >= 3
