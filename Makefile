@@ -6,7 +6,7 @@ PYTEST_FLAGS := -p no:cacheprovider -ra --durations=10
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k redis -v"`.
 PYTEST_ARGS ?=
 
-.PHONY: setup gen lint test chaos bench up clean
+.PHONY: setup gen lint test chaos bench up k8s clean
 
 setup:
 	deploy/local/setup.sh
@@ -34,6 +34,15 @@ bench: setup
 
 up: setup
 	.venv/bin/lmcluster up
+
+# The Kubernetes manifests (deploy/helm/lmcluster, default values) on stdout and nothing else:
+# `make k8s | kubectl apply -n lmcluster -f -`. Installing Helm (the first time) reports on stderr,
+# and so would Helm; its note that files/ links to deploy/prometheus and deploy/grafana is dropped.
+K8S_NAMESPACE ?= lmcluster
+k8s:
+	@deploy/local/k8s-tools.sh helm
+	@"$${LMC_CACHE_DIR:-$$HOME/.cache/lmcluster}/k8s-tools/bin/helm" template lmcluster deploy/helm/lmcluster \
+		--namespace $(K8S_NAMESPACE) 2> >(grep -v 'found symbolic link' >&2)
 
 clean:
 	rm -rf build .lmc lmcluster.egg-info .pytest_cache

@@ -377,6 +377,12 @@ print("all-MiniLM-L6-v2 loaded offline, 384 dimensions")
     STEP_NOTE="loads offline, ONNX export ready"
 }
 
+k8s_tools_step() {
+    # Helm, kubernetes-validate and checkov for the Kubernetes chart (tests/deploy, `make k8s`).
+    "$ROOT/deploy/local/k8s-tools.sh"
+    STEP_NOTE="$("$CACHE/k8s-tools/bin/helm" version --template 'helm {{.Version}}'), checkov, kubernetes-validate"
+}
+
 # --- run ---------------------------------------------------------------------------------------
 
 # One set-up at a time per cache folder: clones on one machine share the llama.cpp build and libssl1.1.
@@ -399,4 +405,5 @@ step "promtool" "fetching promtool from Debian's prometheus package through priv
 step "buf" "installing @bufbuild/buf@${BUF_VERSION} with npm into $NPM_PREFIX failed" buf_step
 step "demo models folder" "could not link the demo GGUF into $DEMO_MODELS" demo_models_step
 step "embedding model" "all-MiniLM-L6-v2 does not load offline with sentence-transformers" embedding_step
+step "kubernetes tools" "installing Helm, kubernetes-validate or checkov into $CACHE/k8s-tools failed" k8s_tools_step
 say "done in $(seconds_since "$START_US")"
