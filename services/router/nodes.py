@@ -46,6 +46,7 @@ class Node:
     watchers: list[asyncio.Task[None]] = field(default_factory=list)
     lost_timer: asyncio.TimerHandle | None = None
     reachable: bool = False
+    forgotten: bool = False
     models_heard: bool = False
 
     def unreachable(self) -> bool:
@@ -128,6 +129,7 @@ class NodeSet:
             if not node.reachable and key:
                 log.info("following node %s", key)
             node.reachable = True
+            node.forgotten = False
             if node.lost_timer is not None:
                 node.lost_timer.cancel()
                 node.lost_timer = None
@@ -137,7 +139,7 @@ class NodeSet:
         def on_supervisor_lost() -> None:
             node.reachable = False
             self._table.suspend(key)
-            if node.lost_timer is None:
+            if node.lost_timer is None and not node.forgotten:
                 node.lost_timer = asyncio.get_running_loop().call_later(
                     self._settings.node_lost_seconds, self._forget, node
                 )
@@ -167,6 +169,7 @@ class NodeSet:
         node.lost_timer = None
         if node.reachable:
             return
+        node.forgotten = True
         log.warning("node %s lost: its backends leave the routing table", node.key or "(local)")
         self._table.forget(node.key)
         self._catalog.forget(node.key)
@@ -177,6 +180,8 @@ class NodeSet:
         return [
             ("grpc.keepalive_time_ms", interval_ms),
             ("grpc.keepalive_timeout_ms", interval_ms),
+            # What bounds a ping's wait for its ack in gRPC core (60 s by default, whatever the keepalive timeout).
+            ("grpc.http2.ping_timeout_ms", interval_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # Reconnect quickly to a node that comes back (the default backoff grows to 2 minutes).

@@ -356,10 +356,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                             if not chunk.choices and not include_usage:
                                 continue  # the usage chunk we asked for, not the client
                             if not sent_any:
-                                await context.send_initial_metadata(_cache_metadata(prepared.decision))
                                 metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(
                                     time.perf_counter() - prepared.started
                                 )
+                                # Headers go out right before the first chunk: until then a proxy
+                                # may still send the request to another Router.
+                                await context.send_initial_metadata(_cache_metadata(prepared.decision))
                             sent_any = True
                             yield chunk
                     if not sent_any:

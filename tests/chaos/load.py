@@ -3,8 +3,8 @@
 Each client is a thread looping over one kind of call: REST unary, REST streamed (server-sent
 events), native gRPC unary and native gRPC streamed, all to Envoy's public port. Most questions are
 new (they reach a model); a quarter repeat a small set (they exercise the cache). Every request is
-recorded with when it started and ended, whether the client had received part of the answer
-(streams only) and, when it failed, why. Nothing is retried except a connection that nobody
+recorded with when it started and ended, whether the answer had begun (streams only: the Router's
+headers or a chunk had arrived) and, when it failed, why. Nothing is retried except a connection that nobody
 accepted (Envoy not listening: the request never reached the product): REST clients try the
 connection again, as the openai SDK does (those retries are counted apart), and gRPC calls are
 made with `wait_for_ready`, which waits for the channel to connect instead of failing at once.
@@ -28,6 +28,7 @@ from google.protobuf import struct_pb2
 from lmcluster.router.v1 import openai_pb2 as oa
 from lmcluster.router.v1 import router_service_pb2_grpc
 
+from services.common.gateway import CACHE_HEADER
 from tests.fixtures.stack import Stack
 
 KINDS = ("rest", "rest-stream", "grpc", "grpc-stream")
@@ -55,7 +56,8 @@ class Outcome:
     started: float
     ended: float
     ok: bool
-    # The client had part of the answer before it failed (a stream that broke mid-way).
+    # The answer had begun before it failed: the Router's response headers (sent with its first
+    # chunk) or a chunk had reached the client. From then on no proxy can send the request again.
     streaming: bool = False
     error: str = ""
 
@@ -207,6 +209,7 @@ class Load:
             if response.status_code != 200:
                 response.read()
                 return False, f"HTTP {response.status_code}: {response.text[:300]}"
+            streaming = CACHE_HEADER in response.headers
             for line in response.iter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -250,6 +253,7 @@ class Load:
         streaming = finished = False
         try:
             call = router.StreamChatCompletion(self._request(system, question), timeout=REQUEST_TIMEOUT, wait_for_ready=True)
+            streaming = any(key == CACHE_HEADER for key, _ in call.initial_metadata() or ())
             for chunk in _chunks(call):
                 for choice in chunk.choices:
                     streaming = True

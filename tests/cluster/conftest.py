@@ -29,7 +29,7 @@ from lmcluster.supervisor.v1 import supervisor_pb2, supervisor_service_pb2, supe
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.supervisor.ports import port_is_free
-from tests.fixtures.parts import REPO_ROOT, RunningPart, free_port, running_part
+from tests.fixtures.parts import REPO_ROOT, RunningPart, descendants, free_port, running_part
 from tests.fixtures.stack import (
     DEMO_FILE,
     DEMO_MODEL_ID,
@@ -84,10 +84,20 @@ class Node:
         )  # fmt: skip
         self.part.wait_until(self.settled, STACK_START_TIMEOUT, f"node {self.host}: READY backends, none starting")
 
-    def kill(self) -> None:
-        """SIGKILL of the node's whole process group: launcher, Registry, Supervisor, llama-servers."""
+    def signal_all(self, sig: signal.Signals) -> None:
+        """`sig` to every process of the node, as a host failing would: the launcher's process group
+        and each part's own group below it (Registry, Supervisor, llama-servers)."""
         assert self.part is not None
-        os.killpg(self.part.process.pid, signal.SIGKILL)
+        launcher = self.part.process.pid
+        groups = {launcher} | {os.getpgid(pid) for pid in _still_running(descendants(launcher))}
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, sig)
+
+    def kill(self) -> None:
+        """SIGKILL of every process of the node."""
+        assert self.part is not None
+        self.signal_all(signal.SIGKILL)
         self.part.process.wait(30)
 
     def stop(self) -> None:
@@ -134,6 +144,15 @@ class Cluster:
         return self.gateway.log_tail(lines)
 
 
+def _still_running(pids: dict[int, str]) -> list[int]:
+    running = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.getpgid(pid)
+            running.append(pid)
+    return running
+
+
 def backend_counter(endpoint: str, name: str) -> float:
     text = httpx.get(f"{endpoint}/metrics", timeout=5.0).text
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name.startswith(name))
@@ -160,7 +179,7 @@ def _router_ports(count: int) -> list[int]:
 def _models_dir(root: Path, demo_model: Path, *, with_only_b: bool) -> Path:
     target = root / DEMO_PUBLISHER / DEMO_REPO / DEMO_FILE
     target.parent.mkdir(parents=True)
-    shutil.copyfile(demo_model, target)
+    shutil.copy2(demo_model, target)  # its old mtime: settled, so preloaded at boot
     if with_only_b:
         other = root / ONLY_ON_B_PUBLISHER / ONLY_ON_B_REPO / DEMO_FILE
         other.parent.mkdir(parents=True)

@@ -1,8 +1,9 @@
 """Two inference nodes and a gateway with two Routers, under load through Envoy, with real faults.
 
 The scenarios share one cluster and run in order; each leaves it healed for the next:
-routing across nodes, a model only one node has, node A killed (its whole process group) and back,
-a model upgrade rolled node by node, and one of the two Routers killed.
+routing across nodes, a model only one node has, node A killed (every process of it) and back,
+node A cut off (every process of it stopped) and back, a model upgrade rolled node by node, and one
+of the two Routers killed.
 """
 
 from __future__ import annotations
@@ -95,6 +96,26 @@ def test_a_node_that_comes_back_takes_traffic(cluster: Cluster) -> None:
         if node.prompt_tokens() > before:
             break
     assert node.prompt_tokens() > before
+
+
+def test_a_node_cut_off_under_load_is_given_up_then_followed_again(cluster: Cluster) -> None:
+    """SIGSTOP of every process of node A: its sockets stay open and nothing answers, as with a
+    hung host or a lost link. Keepalive pings find it; streams hanging on it are cut, not left."""
+    node = cluster.nodes[NODE_A]
+    with Load(cluster, DEMO_MODEL_ID) as load:  # type: ignore[arg-type]
+        load.wait_for_successes(8, since=0.0)
+        cut_at = time.monotonic()
+        node.signal_all(signal.SIGSTOP)
+        try:
+            wait_for(lambda: all_nodes_followed(cluster, count=1), "node A given up by both Routers", 60)
+            load.wait_for_successes(12, since=time.monotonic())
+        finally:
+            node.signal_all(signal.SIGCONT)
+        wait_for(lambda: all_nodes_followed(cluster), "node A followed again", 60)
+        load.wait_for_successes(6, since=time.monotonic())
+    result = load.result
+    assert not result.failed_before_streaming(), result.describe()
+    assert all(o.started <= cut_at for o in result.failed), result.describe()
 
 
 def header_sha256(path: Path) -> str:

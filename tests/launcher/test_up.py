@@ -16,25 +16,10 @@ import httpx
 import pytest
 
 from tests.chaos.faults import part_pid
-from tests.fixtures.parts import free_port, process_alive, process_table
+from tests.fixtures.parts import descendants, free_port, process_alive
 from tests.fixtures.stack import DEMO_MODEL_ID, running_stack
 
 STOP_TIMEOUT = 60.0
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Every process below `root` (children, grandchildren, ...) with its command name."""
-    table = process_table()
-    children: dict[int, list[int]] = {}
-    for pid, info in table.items():
-        children.setdefault(info.ppid, []).append(pid)
-    found: dict[int, str] = {}
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        found[pid] = table[pid].name
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def wait_all_gone(pids: dict[int, str]) -> dict[int, str]:
