@@ -18,6 +18,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _SETPRIV = shutil.which("setpriv")
+_NICE = shutil.which("nice")
 
 # Keyword arguments for subprocess.Popen and asyncio.create_subprocess_exec: a process group of
 # the child's own, created by the C code between fork and exec.
@@ -30,3 +31,14 @@ def dies_with_parent(argv: Sequence[str]) -> list[str]:
         log.warning("setpriv (util-linux) not found: %s may outlive its parent", argv[0] if argv else "?")
         return list(argv)
     return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
+
+
+def niced(argv: Sequence[str], niceness: int) -> list[str]:
+    """`argv` run at `niceness` (coreutils' `nice`, which execs it: same pid, and every thread it
+    starts inherits the weight). Raising one's own niceness needs no privilege."""
+    if niceness <= 0:
+        return list(argv)
+    if _NICE is None:
+        log.warning("nice (coreutils) not found: %s runs at normal priority", argv[0] if argv else "?")
+        return list(argv)
+    return [_NICE, "-n", str(niceness), "--", *argv]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -111,14 +112,22 @@ class AnswerCache:
         self._background: set[asyncio.Task[Any]] = set()
 
     async def lookup(
-        self, request: GenerationRequest, model: str, *, weights: str = "", tenant: str = ""
+        self,
+        request: GenerationRequest,
+        model: str,
+        *,
+        weights: str = "",
+        tenant: str = "",
+        on_exact_miss: Callable[[CacheScope], None] | None = None,
     ) -> CacheDecision:
         """Exact, then semantic lookup (or a bypass), in the `cache lookup` span.
 
         `weights` identifies the model files that may answer; `tenant` is the API key's client id.
+        `on_exact_miss` is called when the exact lookup missed and the semantic one begins (the
+        caller may start work that overlaps it).
         """
         with observe.start_cache_lookup() as span:
-            decision = await self._decide(request, model, weights, tenant)
+            decision = await self._decide(request, model, weights, tenant, on_exact_miss)
             observe.record_cache_decision(span, decision)
             return decision
 
@@ -129,7 +138,14 @@ class AnswerCache:
         )
         return reply.removed > 0
 
-    async def _decide(self, request: GenerationRequest, model: str, weights: str, tenant: str) -> CacheDecision:
+    async def _decide(
+        self,
+        request: GenerationRequest,
+        model: str,
+        weights: str,
+        tenant: str,
+        on_exact_miss: Callable[[CacheScope], None] | None,
+    ) -> CacheDecision:
         options = request.cache
         tenant = "" if self._tenancy.shared_across_keys else tenant
         scope = cache_scope(request, model=model, weights=weights, tenant=tenant)
@@ -140,9 +156,15 @@ class AnswerCache:
                 "bypass", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt) if store else None
             )
         threshold = options.threshold if options.HasField("threshold") else None
-        return await self._lookup(scope, threshold, store)
+        return await self._lookup(scope, threshold, store, on_exact_miss)
 
-    async def _lookup(self, scope: CacheScope, threshold: float | None, store: bool) -> CacheDecision:
+    async def _lookup(
+        self,
+        scope: CacheScope,
+        threshold: float | None,
+        store: bool,
+        on_exact_miss: Callable[[CacheScope], None] | None = None,
+    ) -> CacheDecision:
         """Exact first (no embedding needed: most repeats are word for word), then semantic.
 
         The whole lookup has `timeout` seconds. Past it the request is a miss, but the embedding
@@ -166,6 +188,8 @@ class AnswerCache:
         if exact.hit:
             return CacheDecision("hit", scope=scope, kind="exact", similarity=1.0, entry=exact.entry)
         embedding = self._embed_later(scope.prompt)
+        if on_exact_miss is not None:
+            on_exact_miss(scope)
         try:
             async with asyncio.timeout_at(deadline):
                 vector = await asyncio.shield(embedding)

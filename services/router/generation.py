@@ -83,6 +83,17 @@ class Subscription:
         self._reading = False
         self._left = False
 
+    @property
+    def generation(self) -> Generation:
+        return self._generation
+
+    def hold(self) -> None:
+        """Counts as a reader from now, before reading: a generation started ahead of its answer's
+        need (while the semantic lookup runs) is not cancelled by another reader leaving meanwhile."""
+        if not self._left and not self._reading:
+            self._reading = True
+            self._generation.subscribers += 1
+
     def leave(self) -> None:
         """Idempotent; a reader that has not started yet never will."""
         if self._left:
@@ -96,8 +107,7 @@ class Subscription:
         generation = self._generation
         if self._left:
             return
-        self._reading = True
-        generation.subscribers += 1
+        self.hold()
         index = 0
         try:
             while not self._left:

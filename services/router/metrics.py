@@ -19,6 +19,12 @@ GENERATED_TOKENS = Counter("lmc_router_generated_tokens_total", "Completion toke
 PROMPT_TOKENS = Counter("lmc_router_prompt_tokens_total", "Prompt tokens sent to backends.", ["model"])
 QUEUE_DEPTH = Gauge("lmc_router_queue_depth", "Requests waiting for a free backend slot.")
 COALESCED = Counter("lmc_router_coalesced_requests_total", "Requests that joined an identical running generation.")
+OVERLAPPED = Counter(
+    "lmc_router_overlapped_generations_total",
+    "Generations started on a free slot while the semantic lookup ran, by what the lookup said: "
+    "'used' (a miss: the answer was already on its way) or 'dropped' (a hit: the generation was cancelled).",
+    ["outcome"],
+)
 RETRIES = Counter("lmc_router_backend_retries_total", "Generations retried on another backend before the first token.")
 VARIANT_CHOICE = Counter(
     "lmc_router_variant_requests_total", "Requests by the model variant that served them.", ["route", "model"]

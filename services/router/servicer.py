@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import contextvars
 import logging
 import secrets
 import struct
@@ -28,7 +29,7 @@ from lmcluster.supervisor.v1 import supervisor_service_pb2
 
 from services.common import gateway
 from services.router import affinity, assembly, codec, fields, metrics, observe, responses
-from services.common.cache_scope import weights_identity
+from services.common.cache_scope import CacheScope, weights_identity
 from services.router.caching import AnswerCache, CacheDecision, same_weights, tenant_of
 from services.router.catalog import ModelCatalog, ModelRoute
 from services.router.errors import (
@@ -39,7 +40,7 @@ from services.router.errors import (
     RouterError,
     StreamBroken,
 )
-from services.router.generation import Coalescer, Generation
+from services.router.generation import Coalescer, Generation, Subscription
 from services.router.llama_client import LlamaClient
 from services.router.nodes import Node, NodeSet
 from services.router.routing import RoutingTable
@@ -81,6 +82,12 @@ class Prepared:
     route: ModelRoute
     decision: CacheDecision
     started: float
+    # A generation started on a free slot while the semantic lookup ran, already held for this request.
+    early: Subscription | None = None
+
+    def take_early(self) -> Subscription | None:
+        early, self.early = self.early, None
+        return early
 
 
 class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
@@ -253,8 +260,35 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         best = self._catalog.get(route.variant_ids[0])
         base_model = (best.base_id if best is not None and not route.pinned else "") or route.variant_ids[0]
         weights = weights_identity(m for m in map(self._catalog.get, route.variant_ids) if m is not None)
-        decision = await self._cache.lookup(request, base_model, weights=weights, tenant=tenant)
-        return Prepared(route, decision, started)
+        early: list[Subscription] = []
+        request_context = contextvars.copy_context()  # the generation's spans belong to the request, not the lookup
+
+        def start_early(scope: CacheScope) -> None:
+            # Prompt processing overlaps the embedding and the KNN lookup; only where a slot is free,
+            # so a generation that a semantic hit cancels never delays anyone's.
+            if self._settings.overlap_lookup and self._table.has_free_slot(route.variant_ids):
+                generation = request_context.run(self._start_generation, api, request, route, scope.exact_key)
+                subscription = generation.join()
+                subscription.hold()
+                early.append(subscription)
+
+        try:
+            decision = await self._cache.lookup(
+                request, base_model, weights=weights, tenant=tenant, on_exact_miss=start_early
+            )
+        except BaseException:
+            for subscription in early:
+                subscription.leave()
+            raise
+        prepared = Prepared(route, decision, started)
+        if early:
+            if decision.status == "miss":
+                prepared.early = early[0]
+                metrics.OVERLAPPED.labels("used").inc()
+            else:
+                early[0].leave()  # the last reader leaving cancels the backend request
+                metrics.OVERLAPPED.labels("dropped").inc()
+        return prepared
 
     async def _unary(self, api: GenerationApi, request: codec.GenerationRequest, context: grpc.aio.ServicerContext) -> Message:
         cache_label, result = "none", "error"
@@ -300,11 +334,12 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         backend, not the request; bounded by the recovery wait."""
         first_failure = 0.0
         while True:
-            generation = self._generation(api, request, prepared)
+            subscription = self._subscription(api, request, prepared)
+            generation = subscription.generation
             assembler = api.new_assembler()
             first = True
             try:
-                async with contextlib.aclosing(generation.subscribe()) as events:
+                async with contextlib.aclosing(subscription.events()) as events:
                     async for event in events:
                         if first:
                             metrics.TIME_TO_FIRST_TOKEN.labels(cache_label).observe(time.perf_counter() - prepared.started)
@@ -339,7 +374,6 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                 else:
                     if prepared.decision.status == "hit":
                         prepared.decision.status = cache_label = "miss"
-                    generation = self._generation(api, request, prepared)
                     assembler = api.new_assembler()
                     # A client that goes away (or whose deadline passes) while grpc.aio is sending
                     # gets its handler cancelled in grpc's code, and grpc never closes a generator
@@ -347,7 +381,8 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
                     # the backend generating for nobody. The RPC's done callback ends the
                     # subscription at once instead; the last subscriber leaving cancels the
                     # llama-server request, which frees its slot.
-                    subscription = generation.join()
+                    subscription = self._subscription(api, request, prepared)
+                    generation = subscription.generation
                     _when_done(context, subscription.leave)
                     async with contextlib.aclosing(subscription.events()) as events:
                         async for event in events:
@@ -409,11 +444,20 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
             ttl = request.cache.ttl_seconds if request.cache.HasField("ttl_seconds") else None
             self._cache.store_later(prepared.decision, response, generation.model_id, ttl)
 
-    def _generation(self, api: GenerationApi, request: codec.GenerationRequest, prepared: Prepared) -> Generation:
+    def _subscription(self, api: GenerationApi, request: codec.GenerationRequest, prepared: Prepared) -> Subscription:
+        """The request's reader of a generation: the one started early, else a running identical one, else a new one."""
+        early = prepared.take_early()
+        if early is not None:
+            return early
         decision = prepared.decision
         key = decision.scope.exact_key if decision.status == "miss" and decision.scope is not None else None
+        return self._start_generation(api, request, prepared.route, key).join()
+
+    def _start_generation(
+        self, api: GenerationApi, request: codec.GenerationRequest, route: ModelRoute, key: str | None
+    ) -> Generation:
         generation = self._coalescer.join_or_start(
-            f"{api.name}:{key}" if key else None, lambda g: self._produce(api, request, prepared.route, g)
+            f"{api.name}:{key}" if key else None, lambda g: self._produce(api, request, route, g)
         )
         if generation.subscribers:
             metrics.COALESCED.inc()

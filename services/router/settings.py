@@ -46,6 +46,13 @@ class RouterSettings(ServiceSettings):
 
     cache_enabled: bool = Field(True, description="Look up and store answers in the semantic cache.")
     cache_timeout_seconds: float = Field(0.25, gt=0, description="Budget for embedding + lookup; a miss after it.")
+    overlap_lookup: bool = Field(
+        True,
+        description=(
+            "After an exact miss, start the generation on a free slot while the semantic lookup runs (its "
+            "tokens are held until the lookup says miss; a hit cancels it). Never when every slot is busy."
+        ),
+    )
 
     connect_timeout_seconds: float = Field(5.0, gt=0, description="Connecting to a llama-server.")
     first_token_timeout_seconds: float = Field(120.0, gt=0, description="From sending to the first token.")

@@ -33,7 +33,7 @@ import httpx
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.supervisor.v1 import supervisor_pb2
 
-from services.common.children import OWN_PROCESS_GROUP, dies_with_parent
+from services.common.children import OWN_PROCESS_GROUP, dies_with_parent, niced
 from services.supervisor import metrics
 from services.supervisor.capacity import MemoryEstimate, estimate_memory
 from services.supervisor.flags import LaunchPlan, build_command
@@ -362,7 +362,7 @@ class Backend:
         started = time.monotonic()
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *dies_with_parent(self.plan.argv),
+                *dies_with_parent(niced(self.plan.argv, self.settings.nice)),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,

@@ -64,6 +64,15 @@ class SupervisorSettings(ServiceSettings):
     )
     parallel: int = Field(4, ge=1, le=256, description="Slots per backend (`--parallel`, continuous batching).")
     threads: int = Field(0, ge=0, description="`--threads`; 0 means every core of the machine.")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description=(
+            "Niceness of every llama-server (`nice -n`): on a host the gateway shares, its short request work "
+            "(Envoy, Router, Cache, Embedding) runs before generation compute; 0 gives both the same weight."
+        ),
+    )
     cache_type_k: CacheType = Field("q8_0", description="KV cache type for keys (`--cache-type-k`).")
     cache_type_v: CacheType = Field("q4_0", description="KV cache type for values (`--cache-type-v`).")
     flash_attn: FlashAttention = Field(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import grpc
 import httpx
@@ -32,6 +33,15 @@ STOPPED = supervisor_pb2.BACKEND_STATE_STOPPED
 DRAINING = supervisor_pb2.BACKEND_STATE_DRAINING
 
 
+def threads_niceness(pid: int) -> set[int]:
+    """The niceness of each thread of `pid` (field 19 of /proc/PID/task/TID/stat)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        found.add(int(stat[stat.rindex(")") + 2 :].split()[16]))
+    return found
+
+
 async def ensure(stub, model: str, variant: str = "") -> supervisor_pb2.Backend:  # type: ignore[no-untyped-def]
     return (await stub.EnsureBackend(pb.EnsureBackendRequest(model=model, variant=variant), timeout=90)).backend
 
@@ -51,6 +61,8 @@ async def test_ensure_starts_a_ready_backend_and_fills_every_field(registry: Run
         assert backend.id == f"{DEMO_ALIAS}#0@{backend.endpoint.rsplit(':', 1)[1]}"
         assert backend.endpoint.startswith("http://127.0.0.1:") and backend.metrics_url == backend.endpoint + "/metrics"
         assert backend.pid in llama_server_children()
+        # Every thread of it (ggml's workers too) yields the CPU to the gateway's request work.
+        assert threads_niceness(backend.pid) == {10}  # LMC_SUPERVISOR_NICE's default
         assert backend.slots.total == 2 and backend.slots.context_per_slot == 512
         assert backend.command[0].endswith("llama-server") and "--ctx-size" in backend.command
         assert backend.HasField("started_at") and backend.HasField("ready_at") and backend.HasField("last_used_at")
