@@ -6,7 +6,7 @@ PYTEST_FLAGS := -p no:cacheprovider -ra --durations=10
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k redis -v"`.
 PYTEST_ARGS ?=
 
-.PHONY: setup gen lint test chaos bench up k8s clean
+.PHONY: setup gen lint test chaos bench bench-peers up k8s clean
 
 setup:
 	deploy/local/setup.sh
@@ -30,7 +30,12 @@ chaos: setup
 # Benchmarks are tests/bench/bench_*.py (kept out of `make test` by their file names); each prints
 # its numbers and ratios. `make bench PYTEST_ARGS="-k cache"` runs a subset.
 bench: setup
-	$(PY) -m pytest tests/bench -s -o python_files='bench_*.py' $(PYTEST_FLAGS) $(PYTEST_ARGS)
+	$(PY) -m pytest tests/bench -s -o python_files='bench_*.py' --ignore=tests/bench/bench_peers.py $(PYTEST_FLAGS) $(PYTEST_ARGS)
+
+# lmcluster side by side with the LiteLLM proxy (installed apart by deploy/local/peers.sh); not in `make bench`.
+bench-peers: setup
+	deploy/local/peers.sh >/dev/null
+	$(PY) -m pytest tests/bench/bench_peers.py -s -o python_files='bench_*.py' $(PYTEST_FLAGS) $(PYTEST_ARGS)
 
 up: setup
 	.venv/bin/lmcluster up
