@@ -240,9 +240,12 @@ class RoutingTable:
         """The highest-ranked candidate for the key whose load stays within the bound; None when
         all of them are above it (the least loaded one is taken then)."""
         bound = math.ceil(self._load_factor * (sum(load.outstanding for load in usable) + 1) / len(usable))
-        ranked = sorted(candidates, key=lambda load: _rank(affinity, load.backend.endpoint), reverse=True)
+        # Ranked over every usable replica, so "preferred" means the key's own replica, also when it
+        # is full (then the request spills to the next one: it never waits while a slot is free).
+        ranked = sorted(usable, key=lambda load: _rank(affinity, load.backend.endpoint), reverse=True)
+        open_keys = {load.key for load in candidates}
         for position, load in enumerate(ranked):
-            if load.outstanding + 1 <= bound:
+            if load.key in open_keys and load.outstanding + 1 <= bound:
                 metrics.PREFIX_ROUTING.labels("preferred" if position == 0 else "next").inc()
                 return load
         metrics.PREFIX_ROUTING.labels("least_loaded").inc()
