@@ -77,6 +77,7 @@ class Result:
     ttft: float
     total: float
     error: str = ""
+    kind: str = ""  # a hit's x-lmc-cache-kind: "exact" or "semantic"
 
 
 @dataclass
@@ -117,6 +118,7 @@ async def send(http: httpx.AsyncClient, url: str, payload: dict, *, through_stac
                 await response.aread()
                 return Result(False, "", 0, time.perf_counter() - started, f"HTTP {response.status_code}: {response.text[:200]}")
             cache = response.headers.get("x-lmc-cache", "?") if through_stack else "model"
+            kind = response.headers.get("x-lmc-cache-kind", "")
             done = False
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -133,7 +135,7 @@ async def send(http: httpx.AsyncClient, url: str, payload: dict, *, through_stac
             total = time.perf_counter() - started
             if not done:
                 return Result(False, cache, ttft, total, "the stream ended without [DONE]")
-            return Result(True, cache, ttft or total, total)
+            return Result(True, cache, ttft or total, total, kind=kind)
     except httpx.HTTPError as error:
         return Result(False, "", 0, time.perf_counter() - started, f"{type(error).__name__}: {error}")
 
