@@ -329,7 +329,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         if not request.semantic_follows:  # else the follow-up lookup counts this request
             self.counters.misses += 1
             LOOKUPS.labels("miss").inc()
+        elif request.exact_key and not vector:
+            return cache_service_pb2.LookupResponse(hit=False, scope_empty=await self._scope_empty(request, deadline))
         return cache_service_pb2.LookupResponse(hit=False, rejected=rejected)
+
+    async def _scope_empty(self, request: cache_service_pb2.LookupRequest, deadline: float) -> bool:
+        """Whether the semantic lookup that follows this exact miss can be skipped; False when unsure."""
+        try:
+            return await self.store.scope_is_empty(request.scope, self._remaining_ms(deadline))
+        except CacheUnavailable:
+            return False
 
     def _refusal(self, prompt: str, candidate: Candidate) -> cache_pb2.RejectedCandidate | None:
         verdict = verify(prompt, candidate.prompt)

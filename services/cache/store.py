@@ -299,6 +299,20 @@ class CacheStore:
             return None
         return entry
 
+    async def scope_is_empty(self, scope: str, timeout_ms: float) -> bool:
+        """True when the index holds no entry under this scope's tag (so a KNN search of it cannot
+        find one). Tags are hashes: a collision says "not empty", which only costs a lookup."""
+        query = f"@scope_tag:{{{scope_tag(scope)}}}"
+
+        async def count() -> Any:
+            return await self.client.execute_command(
+                "FT.SEARCH", self.layout.name, query, "NOCONTENT", "LIMIT", "0", "0", "DIALECT", "2"
+            )
+
+        reply = await self._guarded(count, timeout_ms)
+        total = reply.get(b"total_results") if isinstance(reply, dict) else None
+        return total is not None and int(total) == 0
+
     async def nearest(self, scope: str, vector: bytes, k: int, timeout_ms: float) -> list[Candidate]:
         """The k nearest entries of this scope by cosine similarity, most similar first."""
         query = f"(@scope_tag:{{{scope_tag(scope)}}})=>[KNN {k} @vec $vec AS dist]"

@@ -3,7 +3,8 @@
 The exact lookup comes first (its key is the canonical prompt: case, spacing, politeness and the
 like do not matter); only when it misses is the final user message embedded for the semantic
 lookup (repeats are mostly near-verbatim, and an embedding per exact hit was the largest CPU cost
-of the hit path). The two Lookup RPCs count as one lookup: the first says that a semantic lookup
+of the hit path). An exact miss in a scope that holds no entry yet (the Cache says so) skips the
+semantic lookup: its vector is computed after the answer, for the store. The two Lookup RPCs count as one lookup: the first says that a semantic lookup
 follows a miss, so the Cache counts only its hits. The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
 broken cache is a miss, never a failed request; a slow one still gets the answer stored, since the
 vector is finished in the background. Stores run in the background after the client has its answer.
@@ -151,10 +152,8 @@ class AnswerCache:
         scope = cache_scope(request, model=model, weights=weights, tenant=tenant)
         store = self._enabled and scope.cacheable and not options.skip_store
         if not self._enabled or not scope.cacheable or options.skip_lookup:
-            # The request does not wait for the vector; only the store after the answer does.
-            return CacheDecision(
-                "bypass", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt) if store else None
-            )
+            # The vector is computed after the answer, for the store: not beside the prompt's processing.
+            return CacheDecision("bypass", scope=scope, store=store)
         threshold = options.threshold if options.HasField("threshold") else None
         return await self._lookup(scope, threshold, store, on_exact_miss)
 
@@ -187,6 +186,11 @@ class AnswerCache:
             return CacheDecision("miss", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt))
         if exact.hit:
             return CacheDecision("hit", scope=scope, kind="exact", similarity=1.0, entry=exact.entry)
+        if exact.scope_empty:
+            # Nothing of this scope is cached (a new system prompt or document): no semantic lookup,
+            # and the vector the store needs is computed after the answer, off the first token's path.
+            self._record_miss_later(scope)
+            return CacheDecision("miss", scope=scope, store=store)
         embedding = self._embed_later(scope.prompt)
         if on_exact_miss is not None:
             on_exact_miss(scope)
@@ -248,8 +252,6 @@ class AnswerCache:
         """Stores the answer in the background; failures are logged, never raised."""
         if not decision.store or decision.scope is None:
             return
-        if not decision.embedding and decision.pending_embedding is None:
-            return
         request = cache_service_pb2.StoreRequest(
             scope=decision.scope.scope,
             exact_key=decision.scope.exact_key,
@@ -270,8 +272,8 @@ class AnswerCache:
         vector: list[float],
         pending: asyncio.Task[list[float]] | None,
     ) -> None:
-        if not vector and pending is not None:
-            vector = await pending
+        if not vector:
+            vector = await pending if pending is not None else await self._embed(request.prompt, BACKGROUND_EMBED_TIMEOUT)
         if not vector:
             return
         request.embedding.extend(vector)

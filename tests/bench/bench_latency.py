@@ -10,8 +10,10 @@ One `lmcluster up` with the product's defaults (tests/bench/bench_stack.py `PROD
 
 1. **Miss overhead, idle**: pairs of streamed questions about one document, each pair one request
    straight to the stack's own llama-server (the backend the Router uses, so the same prompt cache)
-   and one through Envoy, in alternating order; every request its own question (the cache's lookup
-   runs in full and misses: `skip_store`, nothing is stored). TTFT = first event with text.
+   and one through Envoy, in alternating order; every request its own question (`skip_store`,
+   nothing is stored). Twice: with nothing cached in the documents' scopes (a miss skips the
+   semantic lookup), then with one answer cached in each (the semantic lookup runs and misses).
+   TTFT = first event with text.
 2. **Exact hits, idle**: one answer stored, then sequential identical requests: REST unary and
    streamed through Envoy, native gRPC through Envoy and straight to the Router (what Envoy costs).
 3. **Hits beside misses**: 16 clients, 160 streamed requests, 40% first askings and 60% repeats
@@ -53,7 +55,7 @@ from tests.bench.bench_stack import (
 from tests.bench.stack_workload import Ask, questions, sequence
 from tests.fixtures.stack import DEMO_MODEL_ID, Stack, link_demo_model, running_stack
 
-MISS_PAIRS = int(os.environ.get("BENCH_LATENCY_MISS_PAIRS", "30"))
+MISS_PAIRS = int(os.environ.get("BENCH_LATENCY_MISS_PAIRS", "20"))
 HITS = int(os.environ.get("BENCH_LATENCY_HITS", "300"))
 LOAD_CLIENTS = 16
 LOAD_REQUESTS = int(os.environ.get("BENCH_LATENCY_LOAD_REQUESTS", "160"))
@@ -89,7 +91,18 @@ def ms(seconds: float) -> str:
 # --- 1. miss overhead ---------------------------------------------------------------------------
 
 
-async def miss_pairs(stack_url: str, bare_url: str) -> tuple[Run, Run, list[float]]:
+async def seed_scopes(stack_url: str) -> None:
+    """One stored answer in each document's scope, so that a miss there runs the semantic lookup."""
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        for system in {q.system for q in questions()}:
+            body = chat(system, "Summarize the document in one sentence.", max_tokens=8, stream=False)
+            deadline = time.monotonic() + 30
+            while (await http.post(stack_url, json=body)).headers.get("x-lmc-cache") != "hit":
+                assert time.monotonic() < deadline, "a seed answer was never stored"
+                await asyncio.sleep(0.2)
+
+
+async def miss_pairs(stack_url: str, bare_url: str, wording: int) -> tuple[Run, Run, list[float]]:
     # Two questions about the same document per pair (each document has an even number of them).
     pool = sorted(questions(), key=lambda q: (q.document.name, q.key))
     assert len(pool) >= 2 * (MISS_PAIRS + 2), len(pool)
@@ -101,8 +114,10 @@ async def miss_pairs(stack_url: str, bare_url: str) -> tuple[Run, Run, list[floa
             # A tag of its own first in each question: llama-server's slot keeps the last prompt, and
             # two questions that start alike would share more than the document (fewer tokens to
             # evaluate for whichever request follows its look-alike).
-            through = chat(mine.system, f"[{secrets.token_hex(3)}] {mine.wordings[0]}", max_tokens=8, cache={"skip_store": True})
-            straight = chat(theirs.system, f"[{secrets.token_hex(3)}] {theirs.wordings[0]}", max_tokens=8)
+            through = chat(
+                mine.system, f"[{secrets.token_hex(3)}] {mine.wordings[wording]}", max_tokens=8, cache={"skip_store": True}
+            )
+            straight = chat(theirs.system, f"[{secrets.token_hex(3)}] {theirs.wordings[wording]}", max_tokens=8)
             if i % 2:
                 direct = await send(direct_http, bare_url, straight, through_stack=False)
                 via = await send(http, stack_url, through, through_stack=True)
@@ -198,16 +213,23 @@ def report(stack: Stack) -> None:
     stack_url = f"{stack.base_url}/chat/completions"
     bare_url = f"{backend.endpoint}/v1/chat/completions"
 
-    # 1. Miss overhead.
-    through, bare, differences = asyncio.run(miss_pairs(stack_url, bare_url))
-    progress("misses done")
+    # 1. Miss overhead: first in scopes with nothing cached (a new document), then in scopes that
+    # hold an answer (the semantic lookup runs).
     print(f"\n| idle, {MISS_PAIRS} misses each, alternating | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---|---|")
-    for name, run in (("llama-server, straight", bare), ("through Envoy and the Router", through)):
-        ttft = [r.ttft for r in run.of()]
-        print(f"| {name} | {ms(percentile(ttft, 0.5))} | {ms(percentile(ttft, 0.99))} |")
-    print(f"| overhead (paired difference) | {ms(percentile(differences, 0.5))} | {ms(percentile(differences, 0.99))} |")
-    assert not through.errors and not bare.errors, (through.errors[:2], bare.errors[:2])
+    for wording, scopes in ((0, "nothing cached in the scope"), (1, "answers cached in the scope")):
+        if wording:
+            asyncio.run(seed_scopes(stack_url))
+        through, bare, differences = asyncio.run(miss_pairs(stack_url, bare_url, wording))
+        progress(f"misses, {scopes}, done")
+        for name, run in ((f"llama-server, straight ({scopes})", bare), (f"through Envoy and the Router ({scopes})", through)):
+            ttft = [r.ttft for r in run.of()]
+            print(f"| {name} | {ms(percentile(ttft, 0.5))} | {ms(percentile(ttft, 0.99))} |")
+        print(
+            f"| **overhead, {scopes}** (paired difference) | {ms(percentile(differences, 0.5))} "
+            f"| {ms(percentile(differences, 0.99))} |"
+        )
+        assert not through.errors and not bare.errors, (through.errors[:2], bare.errors[:2])
 
     # 2. Exact hits.
     hit = chat("You are terse.", "Name a large ocean.", max_tokens=8, stream=False)

@@ -475,6 +475,27 @@ async def test_the_exact_lookup_before_a_semantic_one_counts_only_its_hits(cache
     assert stats.hit_ratio == pytest.approx(0.5)
 
 
+async def test_an_exact_miss_says_whether_the_scope_holds_any_entry(cache: Cache, embed: Embedder) -> None:
+    """A scope with nothing stored (a new system prompt or document) lets the caller skip the
+    semantic lookup and its embedding; one entry is enough to need them again."""
+    _, stub = cache
+    system = "Answer from this document only: the X100 warranty lasts two years."
+    first = cache_scope(chat_request("How long is the warranty?", system=system))
+    other = cache_scope(chat_request("Who makes the X100?", system=system))
+    elsewhere = cache_scope(chat_request("How long is the warranty?", system="Another document."))
+
+    def probe(scope):  # type: ignore[no-untyped-def]
+        return stub.Lookup(pb.LookupRequest(scope=scope.scope, exact_key=scope.exact_key, semantic_follows=True))
+
+    assert (await probe(first)).scope_empty
+    await store(stub, embed, first.scope, first.prompt, "Two years.", exact_key=first.exact_key)
+    assert not (await probe(other)).scope_empty  # same scope, another question: a semantic lookup may hit
+    assert (await probe(elsewhere)).scope_empty  # another document's scope is still empty
+    # Only the lookup that a semantic one follows asks; a plain exact lookup never says it.
+    plain = await stub.Lookup(pb.LookupRequest(scope=elsewhere.scope, exact_key=elsewhere.exact_key))
+    assert not plain.hit and not plain.scope_empty
+
+
 async def test_an_entry_reported_wrong_is_removed_and_counted(cache: Cache, embed: Embedder) -> None:
     _, stub = cache
     asked = cache_scope(chat_request("Who wrote Dracula?"))

@@ -18,6 +18,8 @@ On the same request again (a hit) the trace ends at the cache: no generation, no
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
@@ -86,6 +88,14 @@ def test_a_miss_then_a_hit_are_each_one_trace_through_every_service(
     traced_stack: Stack, stack_receiver: OtlpReceiver, unique: str
 ) -> None:
     question = f"Name a colour, {unique}."
+    # One answer in the scope first: a miss in a scope with nothing cached skips the semantic lookup.
+    seed = f"Name a fruit, {unique}."
+    for _ in range(100):
+        if _ask(traced_stack, new_trace_id(), new_span_id(), seed).headers["x-lmc-cache"] == "hit":
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the seed answer was never stored")
 
     # --- a miss -----------------------------------------------------------------------------------
     miss_trace, miss_client = new_trace_id(), new_span_id()

@@ -1,7 +1,7 @@
 """A miss's generation overlaps its semantic lookup, through Envoy on the session's `lmcluster up`.
 
-After an exact miss, the Router starts the generation on a free slot while the embedding and the
-KNN lookup run. A semantic miss then streams that generation's tokens (one generation, no second);
+After an exact miss in a scope that holds cached answers, the Router starts the generation on a
+free slot while the embedding and the KNN lookup run (a scope with none skips that lookup). A semantic miss then streams that generation's tokens (one generation, no second);
 a semantic hit answers from the cache and cancels it, freeing the slot. The client never sees a
 token of a generation the cache overruled.
 """
@@ -42,10 +42,30 @@ def backend_busy(stack: Stack) -> float:
     )
 
 
+def test_a_miss_in_a_scope_with_nothing_cached_runs_no_semantic_lookup(stack: Stack) -> None:
+    """A new system prompt holds no cached answer: the miss goes straight to the model (nothing to
+    overlap), and its answer is still stored with its vector (a paraphrase is a semantic hit)."""
+    router = stack.metrics["router"]
+    before = metric(router, OVERLAPPED)
+    system = system_prompt()
+    original = chat_body("How do I sort a dictionary by value in Python?", system=system, max_tokens=24)
+    paraphrase = chat_body("In Python, how can I sort a dictionary by value?", system=system, max_tokens=24)
+    with client(stack) as http:
+        first = http.post("/v1/chat/completions", json=original)
+        assert first.status_code == 200 and first.headers["x-lmc-cache"] == "miss", first.text
+        assert metric(router, OVERLAPPED) == before
+        post_until_hit(http, "/v1/chat/completions", original)  # stored
+        semantic = http.post("/v1/chat/completions", json=paraphrase)
+    assert semantic.headers["x-lmc-cache"] == "hit" and semantic.headers["x-lmc-cache-kind"] == "semantic"
+
+
 def test_a_semantic_miss_streams_the_generation_started_during_its_lookup(stack: Stack) -> None:
     router = stack.metrics["router"]
+    system = system_prompt()
+    with client(stack) as http:  # one answer in the scope: a semantic lookup may find something
+        post_until_hit(http, "/v1/chat/completions", chat_body("Name a warm colour.", system=system, max_tokens=12))
     used, prompts = metric(router, OVERLAPPED, outcome="used"), metric(router, "lmc_router_prompt_tokens_total")
-    body = chat_body("Name two primary colours.", system=system_prompt(), max_tokens=12, stream=True)
+    body = chat_body("Name two primary colours.", system=system, max_tokens=12, stream=True)
     with client(stack) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["x-lmc-cache"] == "miss"
