@@ -210,19 +210,22 @@ class Load:
                 response.read()
                 return False, f"HTTP {response.status_code}: {response.text[:300]}"
             streaming = CACHE_HEADER in response.headers
-            for line in response.iter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[len("data:") :].strip()
-                if payload == "[DONE]":
-                    done = True
-                    break
-                event = json.loads(payload)
-                if "error" in event:
-                    return streaming, f"error event: {event['error']}"
-                for choice in event.get("choices", []):
-                    streaming = True
-                    finished |= choice.get("finish_reason") is not None
+            try:
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    payload = line[len("data:") :].strip()
+                    if payload == "[DONE]":
+                        done = True
+                        break
+                    event = json.loads(payload)
+                    if "error" in event:
+                        return streaming, f"error event: {event['error']}"
+                    for choice in event.get("choices", []):
+                        streaming = True
+                        finished |= choice.get("finish_reason") is not None
+            except httpx.HTTPError as error:  # the body was cut: say whether the answer had begun
+                return streaming, f"{type(error).__name__}: {error}"
         if not (done and finished):
             return streaming, f"stream ended without a finish_reason and [DONE] (done={done})"
         return streaming, ""
