@@ -260,33 +260,32 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         best = self._catalog.get(route.variant_ids[0])
         base_model = (best.base_id if best is not None and not route.pinned else "") or route.variant_ids[0]
         weights = weights_identity(m for m in map(self._catalog.get, route.variant_ids) if m is not None)
-        early: list[Subscription] = []
+        early: Subscription | None = None
         request_context = contextvars.copy_context()  # the generation's spans belong to the request, not the lookup
 
         def start_early(scope: CacheScope) -> None:
             # Prompt processing overlaps the embedding and the KNN lookup; only where a slot is free,
             # so a generation that a semantic hit cancels never delays anyone's.
+            nonlocal early
             if self._settings.overlap_lookup and self._table.has_free_slot(route.variant_ids):
-                generation = request_context.run(self._start_generation, api, request, route, scope.exact_key)
-                subscription = generation.join()
-                subscription.hold()
-                early.append(subscription)
+                early = request_context.run(self._start_generation, api, request, route, scope.exact_key).join()
+                early.hold()
 
         try:
             decision = await self._cache.lookup(
                 request, base_model, weights=weights, tenant=tenant, on_exact_miss=start_early
             )
         except BaseException:
-            for subscription in early:
-                subscription.leave()
+            if early is not None:
+                early.leave()
             raise
         prepared = Prepared(route, decision, started)
-        if early:
+        if early is not None:
             if decision.status == "miss":
-                prepared.early = early[0]
+                prepared.early = early
                 metrics.OVERLAPPED.labels("used").inc()
             else:
-                early[0].leave()  # the last reader leaving cancels the backend request
+                early.leave()  # the last reader leaving cancels the backend request
                 metrics.OVERLAPPED.labels("dropped").inc()
         return prepared
 

@@ -89,7 +89,10 @@ class Node:
         and each part's own group below it (Registry, Supervisor, llama-servers)."""
         assert self.part is not None
         launcher = self.part.process.pid
-        groups = {launcher} | {os.getpgid(pid) for pid in _still_running(descendants(launcher))}
+        groups = {launcher}
+        for pid in descendants(launcher):
+            with contextlib.suppress(ProcessLookupError):  # ended since the process table was read
+                groups.add(os.getpgid(pid))
         for group in groups:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, sig)
@@ -142,15 +145,6 @@ class Cluster:
 
     def log_tail(self, lines: int = 60) -> str:
         return self.gateway.log_tail(lines)
-
-
-def _still_running(pids: dict[int, str]) -> list[int]:
-    running = []
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.getpgid(pid)
-            running.append(pid)
-    return running
 
 
 def backend_counter(endpoint: str, name: str) -> float:
