@@ -1,10 +1,13 @@
 """The RediSearch index of cache entries: its versioned name, its schema, and create-if-missing.
 
 Every entry is one Redis hash under `<prefix>:v<SCHEMA_VERSION>:d<dims>:entry:<id>`, indexed by
-`<prefix>:idx:v<SCHEMA_VERSION>:d<dims>` on two fields:
+`<prefix>:idx:v<SCHEMA_VERSION>:d<dims>` on three fields:
 
 - `scope_tag` (TAG): a hex digest of the entry's scope, so that the KNN search is restricted to one
   scope with a pre-filter and scope strings never need TAG escaping;
+- `forms` (TAG): the prompt's match keys (services/cache/verification.py `match_keys`, hex): an
+  exact miss counts the entries of its scope sharing one with its own prompt, and when there are
+  none no candidate could pass verification, so the embedding and the KNN search are skipped;
 - `vec` (VECTOR, HNSW, FLOAT32, COSINE): the embedding of the final user message, as little-endian
   float32 bytes. An entry stored without an embedding (exact path only) simply has no `vec`.
 
@@ -26,7 +29,8 @@ from redis.exceptions import ResponseError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+# 2: the `forms` TAG field.
+SCHEMA_VERSION = 2
 HNSW_M = 16
 HNSW_EF_CONSTRUCTION = 200
 # Queries ask for a few more neighbours than they keep: HNSW is approximate, and a TAG pre-filter
@@ -94,10 +98,12 @@ async def index_info(client: Redis, layout: IndexLayout) -> dict[str, Any] | Non
 
 def _check_schema(info: dict[str, Any], layout: IndexLayout) -> None:
     attributes = {a.get("attribute"): a for a in info.get("attributes", []) if isinstance(a, dict)}
-    vec, tag = attributes.get("vec"), attributes.get("scope_tag")
-    problems = []
-    if tag is None or tag.get("type") != "TAG":
-        problems.append("no TAG field scope_tag")
+    vec = attributes.get("vec")
+    problems = [
+        f"no TAG field {name}"
+        for name in ("scope_tag", "forms")
+        if (attributes.get(name) or {}).get("type") != "TAG"
+    ]
     if vec is None or vec.get("type") != "VECTOR":
         problems.append("no VECTOR field vec")
     else:
@@ -129,6 +135,7 @@ async def ensure_index(client: Redis, layout: IndexLayout) -> bool:
             "FT.CREATE", layout.name, "ON", "HASH", "PREFIX", "1", layout.key_prefix,
             "SCHEMA",
             "scope_tag", "TAG",
+            "forms", "TAG",
             "vec", "VECTOR", "HNSW", "12",
             "TYPE", "FLOAT32", "DIM", str(layout.dimensions), "DISTANCE_METRIC", "COSINE",
             "M", str(HNSW_M), "EF_CONSTRUCTION", str(HNSW_EF_CONSTRUCTION), "EF_RUNTIME", str(HNSW_EF_RUNTIME),

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from services.cache.settings import CacheSettings
 from services.cache.store import CacheStore, CacheUnavailable, Candidate, NewEntry, StoredEntry
-from services.cache.verification import Reason, verify
+from services.cache.verification import Reason, match_keys, verify
 from services.common import telemetry
 
 log = logging.getLogger(__name__)
@@ -330,13 +330,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             self.counters.misses += 1
             LOOKUPS.labels("miss").inc()
         elif request.exact_key and not vector:
-            return cache_service_pb2.LookupResponse(hit=False, scope_empty=await self._scope_empty(request, deadline))
+            return cache_service_pb2.LookupResponse(hit=False, no_candidate=await self._no_candidate(request, deadline))
         return cache_service_pb2.LookupResponse(hit=False, rejected=rejected)
 
-    async def _scope_empty(self, request: cache_service_pb2.LookupRequest, deadline: float) -> bool:
-        """Whether the semantic lookup that follows this exact miss can be skipped; False when unsure."""
+    async def _no_candidate(self, request: cache_service_pb2.LookupRequest, deadline: float) -> bool:
+        """Whether the semantic lookup that follows this exact miss can be skipped: no entry of the
+        scope shares a match key with the prompt, so none could pass verification. False when unsure."""
         try:
-            return await self.store.scope_is_empty(request.scope, self._remaining_ms(deadline))
+            # A caller that sends no prompt learns only whether the scope is empty.
+            forms = match_keys(request.prompt) if request.prompt.strip() else ()
+            return not await self.store.has_candidates(request.scope, forms, self._remaining_ms(deadline))
         except CacheUnavailable:
             return False
 
@@ -387,6 +390,7 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
         entry = NewEntry(
             scope=request.scope, exact_key=request.exact_key, prompt=request.prompt, response=request.response,
             response_type=request.response_type, model=request.model, vector=vector, ttl_s=ttl,
+            forms=match_keys(request.prompt) if vector else (),
         )  # fmt: skip
         try:
             entry_id = await self.store.put(entry, self.settings.store_timeout_ms)

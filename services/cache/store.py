@@ -142,6 +142,7 @@ class NewEntry:
     model: str
     vector: bytes  # little-endian float32, empty for an exact-only entry
     ttl_s: int
+    forms: tuple[str, ...] = ()  # the prompt's match keys (verification.match_keys)
 
 
 def entry_id_for(scope: str, exact_key: str) -> str:
@@ -167,6 +168,8 @@ def entry_fields(entry: NewEntry, created_ms: int) -> dict[str, bytes | str | in
     }
     if entry.vector:
         fields["vec"] = entry.vector
+    if entry.forms:
+        fields["forms"] = ",".join(entry.forms)
     return fields
 
 
@@ -299,10 +302,13 @@ class CacheStore:
             return None
         return entry
 
-    async def scope_is_empty(self, scope: str, timeout_ms: float) -> bool:
-        """True when the index holds no entry under this scope's tag (so a KNN search of it cannot
-        find one). Tags are hashes: a collision says "not empty", which only costs a lookup."""
+    async def has_candidates(self, scope: str, forms: tuple[str, ...], timeout_ms: float) -> bool:
+        """Whether any entry of this scope shares a match key with the prompt (else no candidate of
+        a KNN search could pass verification); with no keys, whether the scope holds any entry.
+        Tags are hashes: a collision says yes, which only costs a lookup."""
         query = f"@scope_tag:{{{scope_tag(scope)}}}"
+        if forms:
+            query += f" @forms:{{{' | '.join(forms)}}}"
 
         async def count() -> Any:
             return await self.client.execute_command(
@@ -311,7 +317,7 @@ class CacheStore:
 
         reply = await self._guarded(count, timeout_ms)
         total = reply.get(b"total_results") if isinstance(reply, dict) else None
-        return total is not None and int(total) == 0
+        return total is None or int(total) > 0
 
     async def nearest(self, scope: str, vector: bytes, k: int, timeout_ms: float) -> list[Candidate]:
         """The k nearest entries of this scope by cosine similarity, most similar first."""

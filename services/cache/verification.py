@@ -16,16 +16,21 @@ dangerous differences to keep up to date; the lists are of harmless ones, and a 
 them costs a hit, never a wrong answer. docs/cache.md says what is accepted and why.
 
 The reason given for a refusal is for operators (GetStats, traces); it never decides anything.
+
+Every accepted pair keeps the words of a prompt and only moves them, so `match_keys` can tell
+before any embedding whether an entry could be accepted at all (services/cache/index.py indexes
+them; a lookup with no entry sharing a key skips the embedding and the KNN search).
 """
 
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
-from services.common.prompt_text import canonical_tokens, fronted_phrase_moved
+from services.common.prompt_text import CANON_VERSION, canonical_tokens, fronted_phrase_moved
 
 
 class Reason(enum.IntEnum):
@@ -69,6 +74,27 @@ def verify(prompt: str, candidate: str) -> Verdict:
     if fronted_phrase_moved(prompt) == theirs or fronted_phrase_moved(candidate) == mine:
         return ACCEPTED
     return _refusal(mine, theirs)
+
+
+def match_keys(prompt: str) -> tuple[str, ...]:
+    """Keys such that `verify` can accept two prompts only if their keys intersect.
+
+    `verify` accepts equal canonical tokens, two of them exchanged around a connector, or one
+    prompt's tokens with its fronted phrase moved equal to the other's. Each case leaves the
+    multiset of one prompt's tokens (as written, or with its fronted phrase moved) equal to the
+    other's, so the keys are those multisets, hashed: the written tokens and, where the prompt
+    fronts a phrase, the moved ones. A hash collision only costs a lookup that finds nothing.
+    """
+    forms = {canonical_tokens(prompt)}
+    moved = fronted_phrase_moved(prompt)
+    if moved is not None:
+        forms.add(moved)
+    return tuple(sorted(_bag_key(form) for form in forms))
+
+
+def _bag_key(tokens: tuple[str, ...]) -> str:
+    words = "\x1f".join(sorted(tokens))
+    return hashlib.blake2b(f"{CANON_VERSION}\x00{words}".encode(), digest_size=8).hexdigest()
 
 
 def _conjuncts_exchanged(mine: tuple[str, ...], theirs: tuple[str, ...]) -> bool:

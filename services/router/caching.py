@@ -3,9 +3,10 @@
 The exact lookup comes first (its key is the canonical prompt: case, spacing, politeness and the
 like do not matter); only when it misses is the final user message embedded for the semantic
 lookup (repeats are mostly near-verbatim, and an embedding per exact hit was the largest CPU cost
-of the hit path). An exact miss in a scope that holds no entry yet (the Cache says so) skips the
-semantic lookup: its vector is computed after the answer, for the store. The two Lookup RPCs count as one lookup: the first says that a semantic lookup
-follows a miss, so the Cache counts only its hits. The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
+of the hit path). An exact miss whose words no entry of its scope shares (the Cache says so: then
+no candidate could pass verification) skips the semantic lookup: its vector is computed after the
+answer, for the store. The two Lookup RPCs count as one lookup: the first says that a semantic
+lookup follows a miss, so the Cache counts only its hits. The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
 broken cache is a miss, never a failed request; a slow one still gets the answer stored, since the
 vector is finished in the background. Stores run in the background after the client has its answer.
 """
@@ -174,7 +175,9 @@ class AnswerCache:
         try:
             async with asyncio.timeout_at(deadline):
                 exact = await self._cache.Lookup(
-                    cache_service_pb2.LookupRequest(scope=scope.scope, exact_key=scope.exact_key, semantic_follows=True)
+                    cache_service_pb2.LookupRequest(
+                        scope=scope.scope, exact_key=scope.exact_key, prompt=scope.prompt, semantic_follows=True
+                    )
                 )
         except grpc.aio.AioRpcError as error:
             log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
@@ -186,9 +189,10 @@ class AnswerCache:
             return CacheDecision("miss", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt))
         if exact.hit:
             return CacheDecision("hit", scope=scope, kind="exact", similarity=1.0, entry=exact.entry)
-        if exact.scope_empty:
-            # Nothing of this scope is cached (a new system prompt or document): no semantic lookup,
-            # and the vector the store needs is computed after the answer, off the first token's path.
+        if exact.no_candidate:
+            # No entry of this scope could pass verification (none has this prompt's words; a new
+            # system prompt or document has none at all): no semantic lookup, and the vector the
+            # store needs is computed after the answer, off the first token's path.
             self._record_miss_later(scope)
             return CacheDecision("miss", scope=scope, store=store)
         embedding = self._embed_later(scope.prompt)

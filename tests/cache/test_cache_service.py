@@ -17,7 +17,7 @@ from lmcluster.cache.v1 import cache_service_pb2 as pb
 from lmcluster.cache.v1 import cache_service_pb2_grpc as pb_grpc
 from lmcluster.router.v1 import openai_pb2
 
-from services.cache.index import IndexLayout
+from services.cache.index import SCHEMA_VERSION, IndexLayout
 from services.cache.server import RunningCache
 from services.common.cache_scope import cache_scope
 from tests.cache.conftest import Embedder, cache_settings, cache_with_stub
@@ -319,7 +319,7 @@ async def test_stats_count_hits_misses_and_report_the_index(cache: Cache, embed:
     assert stats.entries == 1 and stats.stores == 1 and stats.stores_dropped == 0
     assert stats.index_memory_bytes > 0
     assert stats.redis_available and stats.degraded_lookups == 0
-    assert stats.index_name == running.store.layout.name and running.store.layout.name.endswith(":v1:d384")
+    assert stats.index_name == running.store.layout.name and running.store.layout.name.endswith(f":v{SCHEMA_VERSION}:d384")
     assert stats.threshold == pytest.approx(0.95)
 
 
@@ -475,25 +475,37 @@ async def test_the_exact_lookup_before_a_semantic_one_counts_only_its_hits(cache
     assert stats.hit_ratio == pytest.approx(0.5)
 
 
-async def test_an_exact_miss_says_whether_the_scope_holds_any_entry(cache: Cache, embed: Embedder) -> None:
-    """A scope with nothing stored (a new system prompt or document) lets the caller skip the
-    semantic lookup and its embedding; one entry is enough to need them again."""
+async def test_an_exact_miss_says_whether_any_entry_could_pass_verification(cache: Cache, embed: Embedder) -> None:
+    """The semantic lookup (and its embedding) is skipped when no entry of the scope has the
+    prompt's words: an empty scope (a new document), or only other questions in it. A question that
+    only moves the words of a stored one still needs it."""
     _, stub = cache
-    system = "Answer from this document only: the X100 warranty lasts two years."
-    first = cache_scope(chat_request("How long is the warranty?", system=system))
-    other = cache_scope(chat_request("Who makes the X100?", system=system))
-    elsewhere = cache_scope(chat_request("How long is the warranty?", system="Another document."))
+    system = "Answer from this document only: the X100 warranty covers the battery and the screen."
+    stored = cache_scope(chat_request("Does the warranty cover the screen and the battery?", system=system))
+    moved = cache_scope(chat_request("Does the warranty cover the battery and the screen?", system=system))
+    fronted = cache_scope(chat_request("In safe mode, how do I reset the X100?", system=system))
+    other = cache_scope(chat_request("Does the warranty cover the screen and the keyboard?", system=system))
+    elsewhere = cache_scope(chat_request("Does the warranty cover the screen and the battery?", system="Another."))
 
-    def probe(scope):  # type: ignore[no-untyped-def]
-        return stub.Lookup(pb.LookupRequest(scope=scope.scope, exact_key=scope.exact_key, semantic_follows=True))
+    def probe(scope, prompt=None):  # type: ignore[no-untyped-def]
+        prompt = scope.prompt if prompt is None else prompt
+        return stub.Lookup(
+            pb.LookupRequest(scope=scope.scope, exact_key=scope.exact_key, prompt=prompt, semantic_follows=True)
+        )
 
-    assert (await probe(first)).scope_empty
-    await store(stub, embed, first.scope, first.prompt, "Two years.", exact_key=first.exact_key)
-    assert not (await probe(other)).scope_empty  # same scope, another question: a semantic lookup may hit
-    assert (await probe(elsewhere)).scope_empty  # another document's scope is still empty
+    assert (await probe(stored)).no_candidate  # nothing stored yet
+    await store(stub, embed, stored.scope, stored.prompt, "Yes.", exact_key=stored.exact_key)
+    assert not (await probe(moved)).no_candidate  # the same words exchanged around "and": a candidate
+    assert (await probe(other)).no_candidate  # one word differs: verification would refuse any entry
+    assert (await probe(elsewhere)).no_candidate  # another document's scope is still empty
+    await store(stub, embed, fronted.scope, "How do I reset the X100 in safe mode?", "Hold the button.", exact_key="k-fronted")
+    assert not (await probe(fronted)).no_candidate  # a fronted phrase moved to the end: a candidate
+    # A caller that sends no prompt learns only whether the scope holds anything.
+    assert not (await probe(other, prompt="")).no_candidate
+    assert (await probe(elsewhere, prompt="")).no_candidate
     # Only the lookup that a semantic one follows asks; a plain exact lookup never says it.
     plain = await stub.Lookup(pb.LookupRequest(scope=elsewhere.scope, exact_key=elsewhere.exact_key))
-    assert not plain.hit and not plain.scope_empty
+    assert not plain.hit and not plain.no_candidate
 
 
 async def test_an_entry_reported_wrong_is_removed_and_counted(cache: Cache, embed: Embedder) -> None:

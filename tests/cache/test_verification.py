@@ -6,9 +6,14 @@ tests/cache/test_quality.py).
 
 from __future__ import annotations
 
+import itertools
+import json
+import random
+from pathlib import Path
+
 import pytest
 
-from services.cache.verification import Reason, verify
+from services.cache.verification import Reason, match_keys, verify
 from services.common.prompt_text import canonical_tokens, surface_tokens
 
 HARMLESS: list[tuple[str, str]] = [
@@ -115,3 +120,47 @@ def test_surface_tokens_keep_numbers_symbols_and_code() -> None:
     assert surface_tokens("It costs $1,000.50 (about 2%)!") == ("it", "costs", "$", "1,000.50", "about", "2", "%")
     assert surface_tokens("x = f(Y)") == ("\x00code\x00x = f(Y)",)
     assert canonical_tokens("Hi, could you please explain the GIL?") == ("explain", "GIL")
+
+
+def _labelled_pairs() -> list[tuple[str, str]]:
+    data = Path(__file__).resolve().parents[1] / "data"
+    return [
+        (pair["a"], pair["b"])
+        for name in ("cache_pairs.jsonl", "cache_pairs_holdout.jsonl")
+        for pair in map(json.loads, (data / name).read_text().splitlines())
+    ]
+
+
+def _reorderings(prompt: str, rng: random.Random) -> list[str]:
+    """The prompt with words exchanged, moved and fronted: candidates verification may accept."""
+    words = prompt.rstrip("?").split()
+    found = [" ".join(words[:i] + [words[i + 2], words[i + 1], words[i]] + words[i + 3 :]) + "?"
+             for i in range(len(words) - 2)]  # fmt: skip
+    for cut in range(1, len(words)):
+        found.append(f"In {' '.join(words[cut:])}, {' '.join(words[:cut])}?")
+        found.append(f"{' '.join(words[cut:])} in {' '.join(words[:cut])}?")
+    found += [" ".join(rng.sample(words, len(words))) + "?" for _ in range(5)]
+    return found
+
+
+def test_prompts_verification_accepts_share_a_match_key() -> None:
+    """`match_keys` is a necessary condition of acceptance: a lookup that finds no entry sharing a
+    key may skip the embedding, the KNN search and the verification without losing a hit."""
+    rng = random.Random(7)
+    pairs = [*HARMLESS, *((a, b) for a, b, _ in CHANGED), *_labelled_pairs()]
+    pairs += [(a, moved) for a, _ in pairs[:400] for moved in _reorderings(a, rng)]
+    pairs += [(a, b) for (a, _), (b, _) in itertools.pairwise(pairs[:300])]
+    accepted = 0
+    for first, second in pairs:
+        for prompt, candidate in ((first, second), (second, first)):
+            if verify(prompt, candidate).accepted:
+                accepted += 1
+                assert set(match_keys(prompt)) & set(match_keys(candidate)), (prompt, candidate)
+    assert accepted > 100  # the check saw accepted pairs of every kind, not only refusals
+
+
+def test_match_keys_tell_apart_prompts_with_other_words() -> None:
+    assert set(match_keys("In Rust, how do I read a file?")) & set(match_keys("How do I read a file in Rust?"))
+    assert match_keys("Is tea or coffee stronger?") == match_keys("Is coffee or tea stronger?")
+    assert not set(match_keys("Who did Initech sue?")) & set(match_keys("Who sued Initech?"))
+    assert not set(match_keys("Which snakes are venomous?")) & set(match_keys("Which snakes are not venomous?"))

@@ -87,9 +87,10 @@ def _assert_no_prompt(spans: list[ReceivedSpan], question: str) -> None:
 def test_a_miss_then_a_hit_are_each_one_trace_through_every_service(
     traced_stack: Stack, stack_receiver: OtlpReceiver, unique: str
 ) -> None:
-    question = f"Name a colour, {unique}."
-    # One answer in the scope first: a miss in a scope with nothing cached skips the semantic lookup.
-    seed = f"Name a fruit, {unique}."
+    question = f"Is blue darker than red, {unique}?"
+    # First an answer with the same words in another order: a miss that no cached answer could match
+    # skips the semantic lookup. This one runs it (and verification refuses the exchanged roles).
+    seed = f"Is red darker than blue, {unique}?"
     for _ in range(100):
         if _ask(traced_stack, new_trace_id(), new_span_id(), seed).headers["x-lmc-cache"] == "hit":
             break

@@ -1,7 +1,9 @@
 """A miss's generation overlaps its semantic lookup, through Envoy on the session's `lmcluster up`.
 
-After an exact miss in a scope that holds cached answers, the Router starts the generation on a
-free slot while the embedding and the KNN lookup run (a scope with none skips that lookup). A semantic miss then streams that generation's tokens (one generation, no second);
+After an exact miss that a cached answer of its scope could match (one with the same words, in
+another order), the Router starts the generation on a free slot while the embedding and the KNN
+lookup run; a miss that none could match skips that lookup. A semantic miss then streams that
+generation's tokens (one generation, no second);
 a semantic hit answers from the cache and cancels it, freeing the slot. The client never sees a
 token of a generation the cache overruled.
 """
@@ -42,19 +44,25 @@ def backend_busy(stack: Stack) -> float:
     )
 
 
-def test_a_miss_in_a_scope_with_nothing_cached_runs_no_semantic_lookup(stack: Stack) -> None:
-    """A new system prompt holds no cached answer: the miss goes straight to the model (nothing to
-    overlap), and its answer is still stored with its vector (a paraphrase is a semantic hit)."""
+def test_a_miss_no_cached_answer_could_match_runs_no_semantic_lookup(stack: Stack) -> None:
+    """A new system prompt holds no cached answer, and a question with other words matches none of
+    its scope's: either miss goes straight to the model (nothing to overlap). The answer is still
+    stored with its vector (a reordered question is a semantic hit)."""
     router = stack.metrics["router"]
     before = metric(router, OVERLAPPED)
     system = system_prompt()
     original = chat_body("How do I sort a dictionary by value in Python?", system=system, max_tokens=24)
+    other = chat_body("How do I sort a list of tuples in Python?", system=system, max_tokens=24)
     paraphrase = chat_body("In Python, how can I sort a dictionary by value?", system=system, max_tokens=24)
     with client(stack) as http:
         first = http.post("/v1/chat/completions", json=original)
         assert first.status_code == 200 and first.headers["x-lmc-cache"] == "miss", first.text
         assert metric(router, OVERLAPPED) == before
         post_until_hit(http, "/v1/chat/completions", original)  # stored
+        until(lambda: backend_busy(stack) == 0, 60, "idle backends")
+        second = http.post("/v1/chat/completions", json=other)
+        assert second.status_code == 200 and second.headers["x-lmc-cache"] == "miss", second.text
+        assert metric(router, OVERLAPPED) == before
         semantic = http.post("/v1/chat/completions", json=paraphrase)
     assert semantic.headers["x-lmc-cache"] == "hit" and semantic.headers["x-lmc-cache-kind"] == "semantic"
 
@@ -62,10 +70,14 @@ def test_a_miss_in_a_scope_with_nothing_cached_runs_no_semantic_lookup(stack: St
 def test_a_semantic_miss_streams_the_generation_started_during_its_lookup(stack: Stack) -> None:
     router = stack.metrics["router"]
     system = system_prompt()
-    with client(stack) as http:  # one answer in the scope: a semantic lookup may find something
-        post_until_hit(http, "/v1/chat/completions", chat_body("Name a warm colour.", system=system, max_tokens=12))
+    # One answer in the scope with the same words as the question, in another order: a candidate
+    # the semantic lookup finds and verification refuses (the roles are exchanged).
+    with client(stack) as http:
+        stored = chat_body("Is the sun hotter than the moon?", system=system, max_tokens=12)
+        post_until_hit(http, "/v1/chat/completions", stored)
+        until(lambda: backend_busy(stack) == 0, 60, "idle backends")
     used, prompts = metric(router, OVERLAPPED, outcome="used"), metric(router, "lmc_router_prompt_tokens_total")
-    body = chat_body("Name two primary colours.", system=system, max_tokens=12, stream=True)
+    body = chat_body("Is the moon hotter than the sun?", system=system, max_tokens=12, stream=True)
     with client(stack) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
         assert response.status_code == 200
         assert response.headers["x-lmc-cache"] == "miss"

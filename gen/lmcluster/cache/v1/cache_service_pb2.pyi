@@ -29,7 +29,7 @@ class LookupRequest(_message.Message):
     def __init__(self, scope: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., exact_key: _Optional[str] = ..., prompt: _Optional[str] = ..., threshold: _Optional[float] = ..., semantic_follows: _Optional[bool] = ..., record_miss: _Optional[bool] = ...) -> None: ...
 
 class LookupResponse(_message.Message):
-    __slots__ = ("hit", "kind", "entry", "similarity", "age", "rejected", "degraded", "scope_empty")
+    __slots__ = ("hit", "kind", "entry", "similarity", "age", "rejected", "degraded", "no_candidate")
     HIT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     ENTRY_FIELD_NUMBER: _ClassVar[int]
@@ -37,7 +37,7 @@ class LookupResponse(_message.Message):
     AGE_FIELD_NUMBER: _ClassVar[int]
     REJECTED_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
-    SCOPE_EMPTY_FIELD_NUMBER: _ClassVar[int]
+    NO_CANDIDATE_FIELD_NUMBER: _ClassVar[int]
     hit: bool
     kind: _cache_pb2.HitKind
     entry: _cache_pb2.CacheEntry
@@ -45,8 +45,8 @@ class LookupResponse(_message.Message):
     age: _duration_pb2.Duration
     rejected: _containers.RepeatedCompositeFieldContainer[_cache_pb2.RejectedCandidate]
     degraded: bool
-    scope_empty: bool
-    def __init__(self, hit: _Optional[bool] = ..., kind: _Optional[_Union[_cache_pb2.HitKind, str]] = ..., entry: _Optional[_Union[_cache_pb2.CacheEntry, _Mapping]] = ..., similarity: _Optional[float] = ..., age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rejected: _Optional[_Iterable[_Union[_cache_pb2.RejectedCandidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., scope_empty: _Optional[bool] = ...) -> None: ...
+    no_candidate: bool
+    def __init__(self, hit: _Optional[bool] = ..., kind: _Optional[_Union[_cache_pb2.HitKind, str]] = ..., entry: _Optional[_Union[_cache_pb2.CacheEntry, _Mapping]] = ..., similarity: _Optional[float] = ..., age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rejected: _Optional[_Iterable[_Union[_cache_pb2.RejectedCandidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., no_candidate: _Optional[bool] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
     __slots__ = ("scope", "embedding", "exact_key", "prompt", "response", "response_type", "model", "ttl")
