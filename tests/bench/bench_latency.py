@@ -5,21 +5,23 @@ Run: `.venv/bin/python -m pytest tests/bench/bench_latency.py -s -o python_files
 docs/benchmarks.md ("Latency: misses, exact hits, hits under load") and asserts only that every
 request was answered, never time.
 
-One `lmcluster up` with the product's defaults (tests/bench/bench_stack.py `PRODUCT_DEFAULTS`) and
-`LMC_SUPERVISOR_NICE=0` at start, so the same run can compare llama-server at niceness 0 and 10.
+One `lmcluster up` with the product's defaults (tests/bench/bench_stack.py `PRODUCT_DEFAULTS`).
 
-1. **Miss overhead, idle**: pairs of streamed questions about one document, each pair one request
-   straight to the stack's own llama-server (the backend the Router uses, so the same prompt cache)
-   and one through Envoy, in alternating order; every request its own question (`skip_store`,
-   nothing is stored). Twice: with nothing cached in the documents' scopes (a miss skips the
-   semantic lookup), then with one answer cached in each (the semantic lookup runs and misses).
-   TTFT = first event with text.
+1. **Miss overhead, idle**: pairs of one streamed question, one request straight to the stack's own
+   llama-server (the backend the Router uses, so the same prompt cache) and one through Envoy, in
+   alternating order. The two carry tags of equal token counts (llama-server's /tokenize), so each
+   has as many prompt tokens to evaluate, and an unmeasured request first puts the document into a
+   slot for both. Nothing is stored (`skip_store`). Three times: nothing cached in the documents'
+   scopes; other questions' answers cached (the Cache finds no candidate); an answer with the same
+   words in another order cached before each pair (the semantic lookup runs, verification refuses
+   it). TTFT = first event with text.
 2. **Exact hits, idle**: one answer stored, then sequential identical requests: REST unary and
    streamed through Envoy, native gRPC through Envoy and straight to the Router (what Envoy costs).
 3. **Hits beside misses**: 16 clients, 160 streamed requests, 40% first askings and 60% repeats
-   (half word for word, half reworded; tests/bench/stack_workload.py), `max_tokens` 16; once with
-   llama-server at niceness 0, once at 10 (every thread reniced in place), each with its own
-   system-prompt tag so neither finds the other's answers.
+   (half word for word, half reworded; tests/bench/stack_workload.py), `max_tokens` 16; once per
+   scheduling of llama-server (`SCHEDULING`: niceness 0, niceness 10, SCHED_IDLE; every thread
+   changed in place, which needs CAP_SYS_NICE where it favours llama-server again), each with its
+   own system-prompt tag so that none finds another's answers.
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ HITS = int(os.environ.get("BENCH_LATENCY_HITS", "300"))
 LOAD_CLIENTS = 16
 LOAD_REQUESTS = int(os.environ.get("BENCH_LATENCY_LOAD_REQUESTS", "160"))
 LOAD_MAX_TOKENS = 16
-NICENESS = (0, 10, 19)
+# llama-server's CPU scheduling in phase 3: (name, policy, niceness), applied to every thread in place.
+SCHEDULING = (
+    ("niceness 0", os.SCHED_OTHER, 0),
+    ("niceness 10", os.SCHED_OTHER, 10),
+    ("SCHED_IDLE", os.SCHED_IDLE, 0),
+)
 
 
 def progress(what: str) -> None:
@@ -78,9 +85,11 @@ def chat(system: str, question: str, *, max_tokens: int, stream: bool = True, **
     }
 
 
-def renice(pid: int, niceness: int) -> None:
-    """Every thread of `pid` to `niceness` (lowering it needs CAP_SYS_NICE; this run only raises it)."""
+def schedule(pid: int, policy: int, niceness: int) -> None:
+    """Every thread of `pid` to `policy` and `niceness` (leaving SCHED_IDLE or lowering the niceness
+    needs CAP_SYS_NICE, so the phases run from the most to the least favoured)."""
     for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setscheduler(int(task), policy, os.sched_param(0))
         os.setpriority(os.PRIO_PROCESS, int(task), niceness)
 
 
@@ -102,22 +111,53 @@ async def seed_scopes(stack_url: str) -> None:
                 await asyncio.sleep(0.2)
 
 
-async def miss_pairs(stack_url: str, bare_url: str, wording: int) -> tuple[Run, Run, list[float]]:
-    # Two questions about the same document per pair (each document has an even number of them).
+async def tokens(http: httpx.AsyncClient, endpoint: str, text: str) -> int:
+    reply = await http.post(f"{endpoint}/tokenize", json={"content": text})
+    reply.raise_for_status()
+    return len(reply.json()["tokens"])
+
+
+async def equal_tags(http: httpx.AsyncClient, endpoint: str, question: str) -> tuple[str, str]:
+    """Two tagged copies of `question` that tokenize to as many tokens: each side of a pair then
+    has exactly as many prompt tokens to evaluate (one token is about 8 ms on these cores)."""
+    first = f"[{secrets.token_hex(3)}] {question}"
+    wanted = await tokens(http, endpoint, first)
+    for _ in range(200):
+        second = f"[{secrets.token_hex(3)}] {question}"
+        if await tokens(http, endpoint, second) == wanted:
+            return first, second
+    raise AssertionError(f"no tag of {wanted} tokens for {question!r}")
+
+
+def moved_words(question: str) -> str:
+    """The tagged question with its tag moved to the end: the same words in another order, which
+    verification refuses (so the semantic lookup runs, finds it, and misses)."""
+    tag, _, rest = question.partition(" ")
+    return f"{rest} {tag}"
+
+
+async def miss_pairs(stack_url: str, endpoint: str, wording: int, *, candidate: bool) -> tuple[Run, Run, list[float]]:
+    """Pairs of the same question with tags of equal token counts, one through the stack and one
+    straight to llama-server, the order flipped every pair. With `candidate`, an answer with the
+    through-question's words in another order is stored first, so that its semantic lookup runs."""
     pool = sorted(questions(), key=lambda q: (q.document.name, q.key))
-    assert len(pool) >= 2 * (MISS_PAIRS + 2), len(pool)
+    assert len(pool) >= MISS_PAIRS + 2, len(pool)
     stack, bare, differences = Run(), Run(), []
+    bare_url = f"{endpoint}/v1/chat/completions"
     # llama-server drops idle keep-alive connections (bench_stack's DIRECT_LIMITS): one per request.
     async with httpx.AsyncClient(timeout=TIMEOUT) as http, httpx.AsyncClient(timeout=TIMEOUT, limits=DIRECT_LIMITS) as direct_http:
         for i in range(MISS_PAIRS + 2):
-            mine, theirs = pool[2 * i], pool[2 * i + 1]
-            # A tag of its own first in each question: llama-server's slot keeps the last prompt, and
-            # two questions that start alike would share more than the document (fewer tokens to
-            # evaluate for whichever request follows its look-alike).
-            through = chat(
-                mine.system, f"[{secrets.token_hex(3)}] {mine.wordings[wording]}", max_tokens=8, cache={"skip_store": True}
-            )
-            straight = chat(theirs.system, f"[{secrets.token_hex(3)}] {theirs.wordings[wording]}", max_tokens=8)
+            question = pool[i]
+            mine, theirs = await equal_tags(direct_http, endpoint, question.wordings[wording])
+            through = chat(question.system, mine, max_tokens=8, cache={"skip_store": True})
+            straight = chat(question.system, theirs, max_tokens=8)
+            if candidate:
+                seed = chat(question.system, moved_words(mine), max_tokens=4, stream=False)
+                while (await http.post(stack_url, json=seed)).headers.get("x-lmc-cache") != "hit":
+                    await asyncio.sleep(0.1)
+            # The document into a slot first, unmeasured: both requests of the pair then find it there.
+            warm = chat(question.system, f"[{secrets.token_hex(3)}] {question.wordings[wording]}", max_tokens=1)
+            assert (await send(direct_http, bare_url, warm, through_stack=False)).ok
             if i % 2:
                 direct = await send(direct_http, bare_url, straight, through_stack=False)
                 via = await send(http, stack_url, through, through_stack=True)
@@ -203,7 +243,7 @@ def test_gateway_latency(tmp_path_factory: pytest.TempPathFactory, redis_stack: 
     models = tmp_path_factory.mktemp("latency-models")
     link_demo_model(models, demo_model)
     # BENCH_LATENCY_ENV (a JSON object) adds settings, e.g. '{"LMC_ROUTER_OVERLAP_LOOKUP": "false"}'.
-    env = {**PRODUCT_DEFAULTS, "LMC_SUPERVISOR_NICE": "0", **json.loads(os.environ.get("BENCH_LATENCY_ENV", "{}"))}
+    env = {**PRODUCT_DEFAULTS, **json.loads(os.environ.get("BENCH_LATENCY_ENV", "{}"))}
     with running_stack(tmp_path_factory.mktemp("latency"), redis_url=redis_stack, models_dir=models, env=env) as stack:
         report(stack)
 
@@ -211,16 +251,21 @@ def test_gateway_latency(tmp_path_factory: pytest.TempPathFactory, redis_stack: 
 def report(stack: Stack) -> None:
     backend = stack.ready_backends(DEMO_MODEL_ID)[0]
     stack_url = f"{stack.base_url}/chat/completions"
-    bare_url = f"{backend.endpoint}/v1/chat/completions"
 
-    # 1. Miss overhead: first in scopes with nothing cached (a new document), then in scopes that
-    # hold an answer (the semantic lookup runs).
+    # 1. Miss overhead: in scopes with nothing cached (a new document), in scopes that hold other
+    # questions' answers (the Cache finds no candidate), and beside a stored answer with the same
+    # words in another order (the semantic lookup runs and refuses it).
     print(f"\n| idle, {MISS_PAIRS} misses each, alternating | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---|---|")
-    for wording, scopes in ((0, "nothing cached in the scope"), (1, "answers cached in the scope")):
-        if wording:
+    phases = (
+        (0, "nothing cached in the scope", False),
+        (1, "other answers cached in the scope", False),
+        (2, "the same words cached in another order", True),
+    )
+    for wording, scopes, candidate in phases:
+        if wording == 1:
             asyncio.run(seed_scopes(stack_url))
-        through, bare, differences = asyncio.run(miss_pairs(stack_url, bare_url, wording))
+        through, bare, differences = asyncio.run(miss_pairs(stack_url, backend.endpoint, wording, candidate=candidate))
         progress(f"misses, {scopes}, done")
         for name, run in ((f"llama-server, straight ({scopes})", bare), (f"through Envoy and the Router ({scopes})", through)):
             ttft = [r.ttft for r in run.of()]
@@ -252,33 +297,37 @@ def report(stack: Stack) -> None:
     for name, times in rows.items():
         print(f"| {name} | {ms(percentile(times, 0.5))} | {ms(percentile(times, 0.99))} |")
 
-    # 3. Hits beside misses, llama-server at each niceness.
-    runs: dict[int, Run] = {}
-    verdicts: dict[int, Counter] = {}
-    for niceness in NICENESS:
-        renice(backend.pid, niceness)
-        payloads = load_payloads(f"nice-{niceness}-{time.monotonic_ns()}")
+    # 3. Hits beside misses, llama-server under each scheduling.
+    runs: dict[str, Run] = {}
+    verdicts: dict[str, Counter] = {}
+    for name, policy, niceness in SCHEDULING:
+        try:
+            schedule(backend.pid, policy, niceness)
+        except PermissionError:
+            progress(f"llama-server at {name} skipped: it needs CAP_SYS_NICE")
+            continue
+        payloads = load_payloads(f"{name}-{time.monotonic_ns()}")
         before = cache_counters(stack)
-        runs[niceness] = asyncio.run(closed_loop(stack_url, from_list(payloads), LOAD_CLIENTS, through_stack=True))
-        verdicts[niceness] = cache_counters(stack)
-        verdicts[niceness].subtract(before)
-        progress(f"load at niceness {niceness}: {runs[niceness].wall:.0f} s")
+        runs[name] = asyncio.run(closed_loop(stack_url, from_list(payloads), LOAD_CLIENTS, through_stack=True))
+        verdicts[name] = cache_counters(stack)
+        verdicts[name].subtract(before)
+        progress(f"load, llama-server at {name}: {runs[name].wall:.0f} s")
     print(f"\n| {LOAD_CLIENTS} clients, {LOAD_REQUESTS} requests | hit kind | n | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---|---|---|---|")
-    for niceness, run in runs.items():
+    for name, run in runs.items():
         for kind in ("exact", "semantic"):
-            print(hit_line(f"llama-server niceness {niceness}", run, kind))
-    base = runs[NICENESS[0]]
-    print("\n| llama-server niceness | requests/s | vs niceness 0 | hits | misses TTFT p50 ms | errors |")
+            print(hit_line(f"llama-server at {name}", run, kind))
+    base = next(iter(runs.values()))
+    print(f"\n| llama-server at | requests/s | vs {next(iter(runs))} | hits | misses TTFT p50 ms | errors |")
     print("|---|---|---|---|---|---|")
-    for niceness, run in runs.items():
+    for name, run in runs.items():
         misses = [r.ttft for r in run.of("miss")]
         print(
-            f"| {niceness} | {run.rate:.2f} | {run.rate / base.rate:.2f}× | {len(run.of('hit'))} "
+            f"| {name} | {run.rate:.2f} | {run.rate / base.rate:.2f}× | {len(run.of('hit'))} "
             f"| {ms(percentile(misses, 0.5))} | {len(run.errors)} |"
         )
-    for niceness, counts in verdicts.items():
-        print(f"Cache at niceness {niceness}: {dict(+counts)}")
+    for name, counts in verdicts.items():
+        print(f"Cache at {name}: {dict(+counts)}")
     for run in runs.values():
         assert not run.errors, run.errors[:3]
         assert len(run.results) == LOAD_REQUESTS
