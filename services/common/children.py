@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 _SETPRIV = shutil.which("setpriv")
 _NICE = shutil.which("nice")
+_CHRT = shutil.which("chrt")
 
 # Keyword arguments for subprocess.Popen and asyncio.create_subprocess_exec: a process group of
 # the child's own, created by the C code between fork and exec.
@@ -42,3 +43,13 @@ def niced(argv: Sequence[str], niceness: int) -> list[str]:
         log.warning("nice (coreutils) not found: %s runs at normal priority", argv[0] if argv else "?")
         return list(argv)
     return [_NICE, "-n", str(niceness), "--", *argv]
+
+
+def idle_scheduled(argv: Sequence[str]) -> list[str]:
+    """`argv` under SCHED_IDLE (util-linux's `chrt --idle 0`, which execs it: same pid, and every
+    thread inherits the policy): it runs only when no other process wants the core. Moving oneself
+    to SCHED_IDLE needs no privilege."""
+    if _CHRT is None:
+        log.warning("chrt (util-linux) not found: %s runs at normal priority", argv[0] if argv else "?")
+        return list(argv)
+    return [_CHRT, "--idle", "0", *argv]

@@ -33,7 +33,7 @@ import httpx
 from lmcluster.registry.v1 import registry_pb2
 from lmcluster.supervisor.v1 import supervisor_pb2
 
-from services.common.children import OWN_PROCESS_GROUP, dies_with_parent, niced
+from services.common.children import OWN_PROCESS_GROUP, dies_with_parent, idle_scheduled, niced
 from services.supervisor import metrics
 from services.supervisor.capacity import MemoryEstimate, estimate_memory
 from services.supervisor.flags import LaunchPlan, build_command
@@ -362,7 +362,7 @@ class Backend:
         started = time.monotonic()
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *dies_with_parent(niced(self.plan.argv, self.settings.nice)),
+                *dies_with_parent(self._scheduled(self.plan.argv)),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
@@ -431,6 +431,12 @@ class Backend:
                 and time.time() - self.ready_at >= self.settings.stable_seconds
             ):
                 self.failures_in_row = 0
+
+    def _scheduled(self, argv: list[str]) -> list[str]:
+        """llama-server's command under the configured CPU scheduling (the gateway's request work first)."""
+        if self.settings.sched_policy == "idle":
+            return idle_scheduled(argv)
+        return niced(argv, self.settings.nice)
 
     def _failure(self, what: str) -> str:
         tail = error_tail(list(self._stderr))

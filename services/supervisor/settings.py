@@ -18,6 +18,8 @@ from services.common.settings import ServiceSettings
 # KV cache element types llama-server accepts for `--cache-type-k/-v`.
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 FlashAttention = Literal["auto", "on", "off"]
+# "normal": the kernel's fair scheduler at `nice`; "idle": SCHED_IDLE, CPU only when no one else wants it.
+SchedPolicy = Literal["normal", "idle"]
 
 UNQUANTIZED_CACHE_TYPES = frozenset({"f32", "f16", "bf16"})
 
@@ -71,6 +73,13 @@ class SupervisorSettings(ServiceSettings):
         description=(
             "Niceness of every llama-server (`nice -n`): on a host the gateway shares, its short request work "
             "(Envoy, Router, Cache, Embedding) runs before generation compute; 0 gives both the same weight."
+        ),
+    )
+    sched_policy: SchedPolicy = Field(
+        "normal",
+        description=(
+            "CPU scheduling of every llama-server: 'normal' (at `nice`) or 'idle' (SCHED_IDLE: a waking gateway "
+            "process always preempts it, but a gateway that saturates every core stalls generation; docs/supervisor.md)."
         ),
     )
     cache_type_k: CacheType = Field("q8_0", description="KV cache type for keys (`--cache-type-k`).")

@@ -42,6 +42,15 @@ def threads_niceness(pid: int) -> set[int]:
     return found
 
 
+def threads_policy(pid: int) -> set[int]:
+    """The scheduling policy of each thread of `pid` (field 41 of /proc/PID/task/TID/stat)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        stat = (task / "stat").read_text()
+        found.add(int(stat[stat.rindex(")") + 2 :].split()[38]))
+    return found
+
+
 async def ensure(stub, model: str, variant: str = "") -> supervisor_pb2.Backend:  # type: ignore[no-untyped-def]
     return (await stub.EnsureBackend(pb.EnsureBackendRequest(model=model, variant=variant), timeout=90)).backend
 
@@ -63,6 +72,7 @@ async def test_ensure_starts_a_ready_backend_and_fills_every_field(registry: Run
         assert backend.pid in llama_server_children()
         # Every thread of it (ggml's workers too) yields the CPU to the gateway's request work.
         assert threads_niceness(backend.pid) == {10}  # LMC_SUPERVISOR_NICE's default
+        assert threads_policy(backend.pid) == {os.SCHED_OTHER}
         assert backend.slots.total == 2 and backend.slots.context_per_slot == 512
         assert backend.command[0].endswith("llama-server") and "--ctx-size" in backend.command
         assert backend.HasField("started_at") and backend.HasField("ready_at") and backend.HasField("last_used_at")
@@ -75,6 +85,16 @@ async def test_ensure_starts_a_ready_backend_and_fills_every_field(registry: Run
         listing = await stub.ListBackends(pb.ListBackendsRequest(model=DEMO_ALIAS))
         assert [b.id for b in listing.backends] == [backend.id]
         assert listing.memory.used_bytes == backend.memory_estimate_bytes and listing.memory.budget_bytes > 0
+
+
+async def test_idle_scheduling_reaches_every_thread_and_the_backend_answers(registry: RunningRegistry) -> None:
+    async with started_supervisor(registry.address, sched_policy="idle") as (_, stub):
+        backend = await ensure(stub, DEMO_ALIAS)
+        assert backend.state == READY
+        assert threads_policy(backend.pid) == {os.SCHED_IDLE}
+        async with httpx.AsyncClient(timeout=30) as client:
+            reply = await client.post(f"{backend.endpoint}/completion", json={"prompt": "Hi", "n_predict": 4})
+            assert reply.status_code == 200 and reply.json()["content"] is not None
 
 
 async def test_concurrent_ensure_calls_start_one_process(registry: RunningRegistry) -> None:
