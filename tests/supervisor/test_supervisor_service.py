@@ -33,22 +33,21 @@ STOPPED = supervisor_pb2.BACKEND_STATE_STOPPED
 DRAINING = supervisor_pb2.BACKEND_STATE_DRAINING
 
 
-def threads_niceness(pid: int) -> set[int]:
-    """The niceness of each thread of `pid` (field 19 of /proc/PID/task/TID/stat)."""
+def threads_stat(pid: int, field: int) -> set[int]:
+    """One numeric field of /proc/PID/task/TID/stat (counted from 1) over every thread of `pid`."""
     found = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         stat = (task / "stat").read_text()
-        found.add(int(stat[stat.rindex(")") + 2 :].split()[16]))
+        found.add(int(stat[stat.rindex(")") + 2 :].split()[field - 3]))
     return found
+
+
+def threads_niceness(pid: int) -> set[int]:
+    return threads_stat(pid, 19)
 
 
 def threads_policy(pid: int) -> set[int]:
-    """The scheduling policy of each thread of `pid` (field 41 of /proc/PID/task/TID/stat)."""
-    found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        found.add(int(stat[stat.rindex(")") + 2 :].split()[38]))
-    return found
+    return threads_stat(pid, 41)
 
 
 async def ensure(stub, model: str, variant: str = "") -> supervisor_pb2.Backend:  # type: ignore[no-untyped-def]
