@@ -330,7 +330,11 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             self.counters.misses += 1
             LOOKUPS.labels("miss").inc()
         elif request.exact_key and not vector:
-            return cache_service_pb2.LookupResponse(hit=False, no_candidate=await self._no_candidate(request, deadline))
+            no_candidate = await self._no_candidate(request, deadline)
+            if no_candidate:  # the caller skips the semantic lookup: this was the request's lookup
+                self.counters.misses += 1
+                LOOKUPS.labels("miss").inc()
+            return cache_service_pb2.LookupResponse(hit=False, no_candidate=no_candidate)
         return cache_service_pb2.LookupResponse(hit=False, rejected=rejected)
 
     async def _no_candidate(self, request: cache_service_pb2.LookupRequest, deadline: float) -> bool:

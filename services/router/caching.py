@@ -192,8 +192,8 @@ class AnswerCache:
         if exact.no_candidate:
             # No entry of this scope could pass verification (none has this prompt's words; a new
             # system prompt or document has none at all): no semantic lookup, and the vector the
-            # store needs is computed after the answer, off the first token's path.
-            self._record_miss_later(scope)
+            # store needs is computed after the answer, off the first token's path. The Cache has
+            # counted the miss.
             return CacheDecision("miss", scope=scope, store=store)
         embedding = self._embed_later(scope.prompt)
         if on_exact_miss is not None:

@@ -473,6 +473,14 @@ async def test_the_exact_lookup_before_a_semantic_one_counts_only_its_hits(cache
     stats = await stub.GetStats(pb.GetStatsRequest())
     assert (stats.exact_hits, stats.semantic_hits, stats.misses) == (1, 0, 1)
     assert stats.hit_ratio == pytest.approx(0.5)
+    # A miss that no entry could match: no semantic lookup follows, so the first one counts it.
+    other = cache_scope(chat_request("What is a binary heap?"))
+    alone = await stub.Lookup(
+        pb.LookupRequest(scope=other.scope, exact_key=other.exact_key, prompt=other.prompt, semantic_follows=True)
+    )
+    assert not alone.hit and alone.no_candidate
+    stats = await stub.GetStats(pb.GetStatsRequest())
+    assert (stats.exact_hits, stats.semantic_hits, stats.misses) == (1, 0, 2)
 
 
 async def test_an_exact_miss_says_whether_any_entry_could_pass_verification(cache: Cache, embed: Embedder) -> None:
@@ -520,11 +528,13 @@ async def test_an_entry_reported_wrong_is_removed_and_counted(cache: Cache, embe
     assert (await stub.GetStats(pb.GetStatsRequest())).wrong_answers_reported == 1
 
 
-async def test_a_request_given_up_on_is_counted_once_as_a_miss(cache: Cache) -> None:
+async def test_a_request_given_up_on_is_counted_once_as_a_miss(cache: Cache, embed: Embedder) -> None:
     _, stub = cache
     asked = cache_scope(chat_request("What is a heap?"))
+    # Something in the scope, so that a semantic lookup should follow (then given up on).
+    await store(stub, embed, asked.scope, "Is a heap a tree?", "Yes.", exact_key="other")
     probe = await stub.Lookup(pb.LookupRequest(scope=asked.scope, exact_key=asked.exact_key, semantic_follows=True))
-    assert not probe.hit
+    assert not probe.hit and not probe.no_candidate
     recorded = await stub.Lookup(pb.LookupRequest(scope=asked.scope, record_miss=True))
     assert not recorded.hit and not recorded.degraded
     stats = await stub.GetStats(pb.GetStatsRequest())
