@@ -20,7 +20,6 @@ import grpc
 import numpy as np
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
-from google.protobuf.timestamp_pb2 import Timestamp
 from lmcluster.cache.v1 import cache_pb2, cache_service_pb2, cache_service_pb2_grpc
 from lmcluster.router.v1 import openai_pb2
 from prometheus_client import Counter as PromCounter
@@ -28,7 +27,7 @@ from prometheus_client import Gauge
 from redis.exceptions import RedisError
 
 from services.cache.settings import CacheSettings
-from services.cache.store import CacheStore, CacheUnavailable, Candidate, NewEntry, StoredEntry
+from services.cache.store import CacheStore, CacheUnavailable, Candidate, NewEntry, StoredEntry, entry_message
 from services.cache.verification import Reason, match_keys, verify
 from services.common import telemetry
 
@@ -172,22 +171,6 @@ def _duration(seconds: float) -> Duration:
     duration = Duration()
     duration.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
     return duration
-
-
-def entry_message(entry: StoredEntry, *, with_response: bool = True) -> cache_pb2.CacheEntry:
-    created = Timestamp()
-    created.FromMilliseconds(entry.created_ms)
-    return cache_pb2.CacheEntry(
-        entry_id=entry.entry_id,
-        scope=entry.scope,
-        exact_key=entry.exact_key,
-        prompt=entry.prompt,
-        response=entry.response if with_response else b"",
-        response_type=entry.response_type,
-        model=entry.model,
-        created_at=created,
-        ttl=Duration(seconds=entry.ttl_s),
-    )
 
 
 def _age(entry: StoredEntry) -> Duration:
@@ -440,6 +423,16 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"Redis unavailable, nothing removed: {error}")
         log.info("invalidated %d entries (%s)", removed, target)
         return cache_service_pb2.InvalidateResponse(removed=removed)
+
+    async def RecordLookups(
+        self, request: cache_service_pb2.RecordLookupsRequest, context: grpc.aio.ServicerContext
+    ) -> cache_service_pb2.RecordLookupsResponse:
+        self.counters.exact_hits += request.exact_hits
+        self.counters.misses += request.misses
+        LOOKUPS.labels("exact").inc(request.exact_hits)
+        LOOKUPS.labels("miss").inc(request.misses)
+        self._publish_ratio()
+        return cache_service_pb2.RecordLookupsResponse()
 
     async def GetStats(
         self, request: cache_service_pb2.GetStatsRequest, context: grpc.aio.ServicerContext

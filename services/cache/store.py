@@ -24,6 +24,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+from lmcluster.cache.v1 import cache_pb2
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -171,6 +174,23 @@ def entry_fields(entry: NewEntry, created_ms: int) -> dict[str, bytes | str | in
     if entry.forms:
         fields["forms"] = ",".join(entry.forms)
     return fields
+
+
+def entry_message(entry: StoredEntry, *, with_response: bool = True) -> cache_pb2.CacheEntry:
+    """The entry as the API shows it (Lookup's `entry`)."""
+    created = Timestamp()
+    created.FromMilliseconds(entry.created_ms)
+    return cache_pb2.CacheEntry(
+        entry_id=entry.entry_id,
+        scope=entry.scope,
+        exact_key=entry.exact_key,
+        prompt=entry.prompt,
+        response=entry.response if with_response else b"",
+        response_type=entry.response_type,
+        model=entry.model,
+        created_at=created,
+        ttl=Duration(seconds=entry.ttl_s),
+    )
 
 
 def _text(value: Any) -> str:

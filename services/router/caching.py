@@ -30,9 +30,11 @@ from lmcluster.supervisor.v1 import supervisor_pb2
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.cache.store import CacheUnavailable
 from services.common.cache_scope import CacheScope, cache_scope
 from services.router import observe
 from services.router.codec import GenerationRequest
+from services.router.exact_reader import ExactReader
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +107,11 @@ class AnswerCache:
         enabled: bool,
         timeout: float,
         tenancy: CacheTenancy | None = None,
+        exact: ExactReader | None = None,
     ) -> None:
         self._embedding = embedding
         self._cache = cache
+        self._exact = exact
         self._enabled = enabled
         self._timeout = timeout
         self._tenancy = tenancy or CacheTenancy()
@@ -174,11 +178,7 @@ class AnswerCache:
         deadline = asyncio.get_running_loop().time() + self._timeout
         try:
             async with asyncio.timeout_at(deadline):
-                exact = await self._cache.Lookup(
-                    cache_service_pb2.LookupRequest(
-                        scope=scope.scope, exact_key=scope.exact_key, prompt=scope.prompt, semantic_follows=True
-                    )
-                )
+                exact = await self._exact_lookup(scope, deadline)
         except grpc.aio.AioRpcError as error:
             log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
             self._record_miss_later(scope)
@@ -223,6 +223,20 @@ class AnswerCache:
             kind = "exact" if semantic.kind == cache_pb2.HIT_KIND_EXACT else "semantic"
             return CacheDecision("hit", scope=scope, kind=kind, similarity=semantic.similarity, entry=semantic.entry)
         return CacheDecision("miss", scope=scope, embedding=vector, store=store)
+
+    async def _exact_lookup(self, scope: CacheScope, deadline: float) -> cache_service_pb2.LookupResponse:
+        """Straight from Redis where the Router may read it, else (or when Redis cannot be read) the
+        Cache service's Lookup; either way it says `semantic_follows`."""
+        if self._exact is not None:
+            try:
+                return await self._exact.lookup(scope, deadline - asyncio.get_running_loop().time())
+            except CacheUnavailable as error:
+                log.debug("reading the exact entry failed (%s); asking the Cache", error)
+        return await self._cache.Lookup(
+            cache_service_pb2.LookupRequest(
+                scope=scope.scope, exact_key=scope.exact_key, prompt=scope.prompt, semantic_follows=True
+            )
+        )
 
     def _record_miss_later(self, scope: CacheScope) -> None:
         """Tells the Cache that a request whose first lookup said `semantic_follows` was a miss."""
@@ -289,9 +303,11 @@ class AnswerCache:
             log.warning("storing an answer failed: %s", _describe(error))
 
     async def drain(self) -> None:
-        """Waits for the stores still running (at shutdown)."""
+        """Waits for the stores still running (at shutdown), then reports the last counts."""
         if self._background:
             await asyncio.wait(self._background, timeout=5.0)
+        if self._exact is not None:
+            await self._exact.close()
 
 
 def _has_vector(task: asyncio.Task[list[float]]) -> bool:

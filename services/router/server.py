@@ -13,9 +13,11 @@ from lmcluster.cache.v1 import cache_service_pb2_grpc
 from lmcluster.embedding.v1 import embedding_service_pb2_grpc
 from lmcluster.router.v1 import router_service_pb2, router_service_pb2_grpc
 
+from services.cache.settings import CacheSettings
 from services.common.server import ServiceHost, run_service
 from services.router.caching import AnswerCache
 from services.router.catalog import ModelCatalog
+from services.router.exact_reader import ExactReader
 from services.router.follow import cancel_and_wait
 from services.router.llama_client import LlamaClient
 from services.router.nodes import NodeSet
@@ -70,11 +72,10 @@ async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntim
         load_factor=settings.prefix_load_factor,
     )
     nodes = NodeSet(settings, catalog, table)
+    cache_stub = cache_service_pb2_grpc.CacheServiceStub(cache_channel)
+    exact = ExactReader(CacheSettings(redis_url=settings.redis_url), cache_stub) if settings.redis_url else None
     cache = AnswerCache(
-        embedding,
-        cache_service_pb2_grpc.CacheServiceStub(cache_channel),
-        enabled=settings.cache_enabled,
-        timeout=settings.cache_timeout_seconds,
+        embedding, cache_stub, enabled=settings.cache_enabled, timeout=settings.cache_timeout_seconds, exact=exact
     )
     llama = LlamaClient(
         connect_timeout=settings.connect_timeout_seconds,

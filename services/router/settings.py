@@ -46,6 +46,14 @@ class RouterSettings(ServiceSettings):
 
     cache_enabled: bool = Field(True, description="Look up and store answers in the semantic cache.")
     cache_timeout_seconds: float = Field(0.25, gt=0, description="Budget for embedding + lookup; a miss after it.")
+    redis_url: str = Field(
+        "",
+        description=(
+            "The Cache's Redis: exact entries are read from it directly, without a call to the Cache service "
+            "(which keeps the counts and every write). Its index is named by LMC_CACHE_INDEX_PREFIX and "
+            "LMC_CACHE_DIMENSIONS, as the Cache's. Empty: every lookup through the Cache service."
+        ),
+    )
     overlap_lookup: bool = Field(
         True,
         description=(

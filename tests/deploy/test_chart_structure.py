@@ -188,6 +188,7 @@ def test_routers_find_nodes_embedding_and_cache_by_dns(default_manifests: list[M
         assert port in {p["port"] for p in service["spec"]["ports"]}
     cache = env(container(find(default_manifests, "Deployment", "lmcluster-cache"), "cache"))
     assert cache["REDIS_URL"] == f"redis://{service_host('lmcluster-redis')}:6379"
+    assert router["LMC_ROUTER_REDIS_URL"] == cache["REDIS_URL"]
 
 
 def test_envoy_balances_over_every_router_pod(default_manifests: list[Manifest]) -> None:

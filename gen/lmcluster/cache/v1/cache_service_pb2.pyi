@@ -100,6 +100,18 @@ class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class RecordLookupsRequest(_message.Message):
+    __slots__ = ("exact_hits", "misses")
+    EXACT_HITS_FIELD_NUMBER: _ClassVar[int]
+    MISSES_FIELD_NUMBER: _ClassVar[int]
+    exact_hits: int
+    misses: int
+    def __init__(self, exact_hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
+
+class RecordLookupsResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class GetStatsResponse(_message.Message):
     __slots__ = ("entries", "exact_hits", "semantic_hits", "misses", "rejected_candidates", "rejected_by_reason", "hit_ratio", "index_memory_bytes", "stores", "stores_dropped", "degraded_lookups", "redis_available", "index_name", "threshold", "wrong_answers_reported")
     class RejectedByReasonEntry(_message.Message):

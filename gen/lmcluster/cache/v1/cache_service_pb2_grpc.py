@@ -56,6 +56,11 @@ class CacheServiceStub:
                 request_serializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.RecordLookups = channel.unary_unary(
+                '/lmcluster.cache.v1.CacheService/RecordLookups',
+                request_serializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.RecordLookupsRequest.SerializeToString,
+                response_deserializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.RecordLookupsResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer:
@@ -92,6 +97,14 @@ class CacheServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordLookups(self, request, context):
+        """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
+        entries straight from Redis), so that GetStats and the metrics count every request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +127,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsRequest.FromString,
                     response_serializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'RecordLookups': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordLookups,
+                    request_deserializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.RecordLookupsRequest.FromString,
+                    response_serializer=lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.RecordLookupsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +244,33 @@ class CacheService:
             '/lmcluster.cache.v1.CacheService/GetStats',
             lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsRequest.SerializeToString,
             lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordLookups(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lmcluster.cache.v1.CacheService/RecordLookups',
+            lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.RecordLookupsRequest.SerializeToString,
+            lmcluster_dot_cache_dot_v1_dot_cache__service__pb2.RecordLookupsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,10 @@ class CacheServiceStub:
     """Invalidate removes entries by scope, by id, or all."""
     GetStats: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.GetStatsRequest, _cache_service_pb2.GetStatsResponse]
     """GetStats returns counters and index size."""
+    RecordLookups: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.RecordLookupsRequest, _cache_service_pb2.RecordLookupsResponse]
+    """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
+    entries straight from Redis), so that GetStats and the metrics count every request.
+    """
 
 @_typing.type_check_only
 class CacheServiceAsyncStub(CacheServiceStub):
@@ -63,6 +67,10 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """Invalidate removes entries by scope, by id, or all."""
     GetStats: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.GetStatsRequest, _cache_service_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats returns counters and index size."""
+    RecordLookups: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.RecordLookupsRequest, _cache_service_pb2.RecordLookupsResponse]  # type: ignore[assignment]
+    """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
+    entries straight from Redis), so that GetStats and the metrics count every request.
+    """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
     """CacheService is the semantic cache of answers on Redis Stack. It never makes a request fail:
@@ -102,5 +110,15 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.GetStatsResponse, _abc.Awaitable[_cache_service_pb2.GetStatsResponse]]:
         """GetStats returns counters and index size."""
+
+    @_abc_1.abstractmethod
+    def RecordLookups(
+        self,
+        request: _cache_service_pb2.RecordLookupsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_cache_service_pb2.RecordLookupsResponse, _abc.Awaitable[_cache_service_pb2.RecordLookupsResponse]]:
+        """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
+        entries straight from Redis), so that GetStats and the metrics count every request.
+        """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
