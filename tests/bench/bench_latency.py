@@ -18,7 +18,10 @@ One `lmcluster up` with the product's defaults (tests/bench/bench_stack.py `PROD
 2. **Exact hits, idle**: one answer stored, then sequential identical requests: REST unary and
    streamed through Envoy, native gRPC through Envoy and straight to the Router (what Envoy costs).
 3. **Hits beside misses**: 16 clients, 160 streamed requests, 40% first askings and 60% repeats
-   (half word for word, half reworded; tests/bench/stack_workload.py), `max_tokens` 16; once per
+   (half word for word, half reworded; tests/bench/stack_workload.py; a rewording here is the
+   original with its closing phrase in front where it has one, which verification serves as a
+   semantic hit),
+   `max_tokens` 16; once per
    scheduling of llama-server (`SCHEDULING`: niceness 0, niceness 10, SCHED_IDLE; every thread
    changed in place, which needs CAP_SYS_NICE where it favours llama-server again), each with its
    own system-prompt tag so that none finds another's answers.
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import secrets
 import time
 from collections import Counter
@@ -42,6 +46,8 @@ from lmcluster.router.v1 import openai_pb2 as oa
 from lmcluster.router.v1 import router_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from services.cache.verification import verify
+from services.router.exact_reader import REPORT_INTERVAL_SECONDS
 from tests.bench.bench_stack import (
     DIRECT_LIMITS,
     MODEL,
@@ -228,9 +234,29 @@ def cache_counters(stack: Stack) -> Counter:
 # --- 3. hits beside misses ----------------------------------------------------------------------
 
 
+_TRAILING_PHRASE = re.compile(r"^(?P<rest>.+?) (?P<phrase>(?:with|for|in|on|of|about|at|to|from|by|per|under|during) [^,?]+)\?$", re.IGNORECASE)
+
+
+def fronted(question: str) -> str | None:
+    """The question with its closing prepositional phrase in front ("With the Solo licence, how
+    long do updates last?"): the same words, which the Cache's verification serves semantically."""
+    match = _TRAILING_PHRASE.match(question)
+    if match is None or len(match["phrase"].split()) > 5:
+        return None
+    moved = f"{match['phrase'][0].upper()}{match['phrase'][1:]}, {match['rest'][0].lower()}{match['rest'][1:]}?"
+    return moved if verify(moved, question).accepted else None
+
+
 def load_payloads(tag: str) -> list[dict]:
-    asks: list[Ask] = sequence(LOAD_REQUESTS, 0.4, gap=LOAD_CLIENTS)
-    return [chat(f"{a.question.system}\nSession {tag}.", a.text, max_tokens=LOAD_MAX_TOKENS) for a in asks]
+    """The run's requests; a reworded repeat says the original with its closing phrase in front
+    where it has one, so that some repeats are semantic hits."""
+    payloads = []
+    for ask in sequence(LOAD_REQUESTS, 0.4, gap=LOAD_CLIENTS):
+        text = ask.text
+        if ask.wording:
+            text = fronted(ask.question.wordings[0]) or text
+        payloads.append(chat(f"{ask.question.system}\nSession {tag}.", text, max_tokens=LOAD_MAX_TOKENS))
+    return payloads
 
 
 def hit_line(name: str, run: Run, kind: str) -> str:
@@ -307,8 +333,10 @@ def report(stack: Stack) -> None:
             progress(f"llama-server at {name} skipped: it needs CAP_SYS_NICE")
             continue
         payloads = load_payloads(f"{name}-{time.monotonic_ns()}")
+        time.sleep(REPORT_INTERVAL_SECONDS + 1)  # the Routers' counts of the phase before have arrived
         before = cache_counters(stack)
         runs[name] = asyncio.run(closed_loop(stack_url, from_list(payloads), LOAD_CLIENTS, through_stack=True))
+        time.sleep(REPORT_INTERVAL_SECONDS + 1)
         verdicts[name] = cache_counters(stack)
         verdicts[name].subtract(before)
         progress(f"load, llama-server at {name}: {runs[name].wall:.0f} s")
