@@ -18,7 +18,7 @@ from services.common.settings import ServiceSettings
 # KV cache element types llama-server accepts for `--cache-type-k/-v`.
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 FlashAttention = Literal["auto", "on", "off"]
-# "normal": the kernel's fair scheduler at `nice`; "idle": SCHED_IDLE, CPU only when no one else wants it.
+# "idle": SCHED_IDLE, CPU only when no one else wants it; "normal": the kernel's fair scheduler at `nice`.
 SchedPolicy = Literal["normal", "idle"]
 
 UNQUANTIZED_CACHE_TYPES = frozenset({"f32", "f16", "bf16"})
@@ -71,15 +71,15 @@ class SupervisorSettings(ServiceSettings):
         ge=0,
         le=19,
         description=(
-            "Niceness of every llama-server (`nice -n`): on a host the gateway shares, its short request work "
-            "(Envoy, Router, Cache, Embedding) runs before generation compute; 0 gives both the same weight."
+            "Niceness of every llama-server (`nice -n`) under sched_policy 'normal': on a host the gateway "
+            "shares, its short request work runs before generation compute; 0 gives both the same weight."
         ),
     )
     sched_policy: SchedPolicy = Field(
-        "normal",
+        "idle",
         description=(
-            "CPU scheduling of every llama-server: 'normal' (at `nice`) or 'idle' (SCHED_IDLE: a waking gateway "
-            "process always preempts it, but a gateway that saturates every core stalls generation; docs/supervisor.md)."
+            "CPU scheduling of every llama-server: 'idle' (SCHED_IDLE: a waking gateway process always preempts "
+            "it; it gets every cycle nobody else wants) or 'normal' (the fair scheduler at `nice`); docs/supervisor.md."
         ),
     )
     cache_type_k: CacheType = Field("q8_0", description="KV cache type for keys (`--cache-type-k`).")

@@ -24,7 +24,9 @@ One `lmcluster up` with the product's defaults (tests/bench/bench_stack.py `PROD
    `max_tokens` 16; once per
    scheduling of llama-server (`SCHEDULING`: niceness 0, niceness 10, SCHED_IDLE; every thread
    changed in place, which needs CAP_SYS_NICE where it favours llama-server again), each with its
-   own system-prompt tag so that none finds another's answers.
+   own system-prompt tag so that none finds another's answers. Beside each load, a client of its own
+   process (tests/bench/hit_probe.py) sends phase 2's exact hit every 50 ms, REST and native gRPC:
+   the load's own TTFTs include the 16 clients' event loop, the probe's do not.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ import json
 import os
 import re
 import secrets
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -60,7 +64,8 @@ from tests.bench.bench_stack import (
     percentile,
     send,
 )
-from tests.bench.stack_workload import Ask, questions, sequence
+from tests.bench.stack_workload import questions, sequence
+from tests.fixtures.parts import REPO_ROOT
 from tests.fixtures.stack import DEMO_MODEL_ID, Stack, link_demo_model, running_stack
 
 MISS_PAIRS = int(os.environ.get("BENCH_LATENCY_MISS_PAIRS", "20"))
@@ -259,6 +264,18 @@ def load_payloads(tag: str) -> list[dict]:
     return payloads
 
 
+def start_probe(stack: Stack, stack_url: str, body: dict) -> subprocess.Popen[str]:
+    """Sequential exact hits from a process of its own while the load runs (tests/bench/hit_probe.py)."""
+    argv = [sys.executable, "-m", "tests.bench.hit_probe", stack_url, stack.grpc_target, json.dumps(body)]
+    return subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def stop_probe(probe: subprocess.Popen[str]) -> dict[str, list[float]]:
+    out, _ = probe.communicate("", timeout=120)
+    assert probe.returncode == 0, out
+    return json.loads(out)
+
+
 def hit_line(name: str, run: Run, kind: str) -> str:
     times = [r.ttft for r in run.of("hit") if r.kind == kind]
     return f"| {name} | {kind} | {len(times)} | {ms(percentile(times, 0.5))} | {ms(percentile(times, 0.99))} |"
@@ -326,6 +343,7 @@ def report(stack: Stack) -> None:
     # 3. Hits beside misses, llama-server under each scheduling.
     runs: dict[str, Run] = {}
     verdicts: dict[str, Counter] = {}
+    probes: dict[str, dict[str, list[float]]] = {}
     for name, policy, niceness in SCHEDULING:
         try:
             schedule(backend.pid, policy, niceness)
@@ -335,7 +353,9 @@ def report(stack: Stack) -> None:
         payloads = load_payloads(f"{name}-{time.monotonic_ns()}")
         time.sleep(REPORT_INTERVAL_SECONDS + 1)  # the Routers' counts of the phase before have arrived
         before = cache_counters(stack)
+        probe = start_probe(stack, stack_url, hit)
         runs[name] = asyncio.run(closed_loop(stack_url, from_list(payloads), LOAD_CLIENTS, through_stack=True))
+        probes[name] = stop_probe(probe)
         time.sleep(REPORT_INTERVAL_SECONDS + 1)
         verdicts[name] = cache_counters(stack)
         verdicts[name].subtract(before)
@@ -345,6 +365,11 @@ def report(stack: Stack) -> None:
     for name, run in runs.items():
         for kind in ("exact", "semantic"):
             print(hit_line(f"llama-server at {name}", run, kind))
+    print(f"\n| beside the load, a client of its own (tests/bench/hit_probe.py) | exact hits | p50 ms | p99 ms |")
+    print("|---|---|---|---|")
+    for name, found in probes.items():
+        for kind, times in found.items():
+            print(f"| llama-server at {name}, {kind} | {len(times)} | {ms(percentile(times, 0.5))} | {ms(percentile(times, 0.99))} |")
     base = next(iter(runs.values()))
     print(f"\n| llama-server at | requests/s | vs {next(iter(runs))} | hits | misses TTFT p50 ms | errors |")
     print("|---|---|---|---|---|---|")

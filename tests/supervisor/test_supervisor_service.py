@@ -70,8 +70,7 @@ async def test_ensure_starts_a_ready_backend_and_fills_every_field(registry: Run
         assert backend.endpoint.startswith("http://127.0.0.1:") and backend.metrics_url == backend.endpoint + "/metrics"
         assert backend.pid in llama_server_children()
         # Every thread of it (ggml's workers too) yields the CPU to the gateway's request work.
-        assert threads_niceness(backend.pid) == {10}  # LMC_SUPERVISOR_NICE's default
-        assert threads_policy(backend.pid) == {os.SCHED_OTHER}
+        assert threads_policy(backend.pid) == {os.SCHED_IDLE}  # LMC_SUPERVISOR_SCHED_POLICY's default
         assert backend.slots.total == 2 and backend.slots.context_per_slot == 512
         assert backend.command[0].endswith("llama-server") and "--ctx-size" in backend.command
         assert backend.HasField("started_at") and backend.HasField("ready_at") and backend.HasField("last_used_at")
@@ -86,11 +85,12 @@ async def test_ensure_starts_a_ready_backend_and_fills_every_field(registry: Run
         assert listing.memory.used_bytes == backend.memory_estimate_bytes and listing.memory.budget_bytes > 0
 
 
-async def test_idle_scheduling_reaches_every_thread_and_the_backend_answers(registry: RunningRegistry) -> None:
-    async with started_supervisor(registry.address, sched_policy="idle") as (_, stub):
+async def test_normal_scheduling_runs_every_thread_at_the_niceness(registry: RunningRegistry) -> None:
+    async with started_supervisor(registry.address, sched_policy="normal") as (_, stub):
         backend = await ensure(stub, DEMO_ALIAS)
         assert backend.state == READY
-        assert threads_policy(backend.pid) == {os.SCHED_IDLE}
+        assert threads_policy(backend.pid) == {os.SCHED_OTHER}
+        assert threads_niceness(backend.pid) == {10}  # LMC_SUPERVISOR_NICE's default
         async with httpx.AsyncClient(timeout=30) as client:
             reply = await client.post(f"{backend.endpoint}/completion", json={"prompt": "Hi", "n_predict": 4})
             assert reply.status_code == 200 and reply.json()["content"] is not None
