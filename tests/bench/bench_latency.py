@@ -63,6 +63,7 @@ from tests.bench.bench_stack import (
     from_list,
     percentile,
     send,
+    tokens,
 )
 from tests.bench.stack_workload import questions, sequence
 from tests.fixtures.parts import REPO_ROOT
@@ -120,12 +121,6 @@ async def seed_scopes(stack_url: str) -> None:
             while (await http.post(stack_url, json=body)).headers.get("x-lmc-cache") != "hit":
                 assert time.monotonic() < deadline, "a seed answer was never stored"
                 await asyncio.sleep(0.2)
-
-
-async def tokens(http: httpx.AsyncClient, endpoint: str, text: str) -> int:
-    reply = await http.post(f"{endpoint}/tokenize", json={"content": text})
-    reply.raise_for_status()
-    return len(reply.json()["tokens"])
 
 
 async def equal_tags(http: httpx.AsyncClient, endpoint: str, question: str) -> tuple[str, str]:

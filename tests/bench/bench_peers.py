@@ -21,7 +21,8 @@ correctness (every request answered, zero errors), never time.
 
 Phases, per target:
 1. misses: MISSES fresh questions to the target, alternating one by one with as many other fresh
-   questions to the bare llama-server (order flipped every pair), after WARMUP of each. The
+   questions to the bare llama-server (order flipped every pair), after WARMUP of each; the two
+   questions of a pair tokenize to as many tokens (llama-server's /tokenize). The
    questions ("What do a lantern, a walnut and a glacier have in common?", three nouns of which no
    two appear together in another question) are never asked twice in the whole run, so neither
    llama-server's prompt cache nor any answer cache helps, and no two are closer than 0.92 cosine
@@ -74,6 +75,7 @@ from tests.bench.bench_stack import (
     counter,
     percentile,
     send,
+    tokens,
 )
 from tests.bench.peers_litellm import (
     MASTER_KEY,
@@ -279,6 +281,19 @@ def payload(system: str, question: str) -> dict:
     return {**body((system, question)), "max_tokens": MAX_TOKENS}
 
 
+async def as_long(bare: Target, question: str, fresh: Iterator[str]) -> str:
+    """The next fresh question of as many tokens as `question`: both sides of a miss pair then have
+    the same prompt to evaluate (one token is about 8 ms on these cores)."""
+    endpoint = bare.url.split("/v1/", 1)[0]
+    async with httpx.AsyncClient(timeout=TIMEOUT) as http:
+        wanted = await tokens(http, endpoint, question)
+        for _ in range(100):
+            other = next(fresh)
+            if await tokens(http, endpoint, other) == wanted:
+                return other
+    raise AssertionError(f"no fresh question of {wanted} tokens")
+
+
 async def miss_and_hit_phases(target: Target, bare: Target, fresh: Iterator[str]) -> None:
     async with target.client() as (http, recorder), bare.client() as (bare_http, bare_recorder):
         for _ in range(WARMUP):
@@ -286,7 +301,8 @@ async def miss_and_hit_phases(target: Target, bare: Target, fresh: Iterator[str]
             await target.ask(http, recorder, payload(MISS_SYSTEM, next(fresh)))
         asked = []
         for index in range(MISSES):
-            mine, theirs = payload(MISS_SYSTEM, next(fresh)), payload(MISS_SYSTEM, next(fresh))
+            question = next(fresh)
+            mine, theirs = payload(MISS_SYSTEM, question), payload(MISS_SYSTEM, await as_long(bare, question, fresh))
             asked.append(mine)
             if index % 2:
                 target.bare_misses.append(await bare.ask(bare_http, bare_recorder, theirs))

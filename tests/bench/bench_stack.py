@@ -108,6 +108,13 @@ def body(ask: Ask | tuple[str, str]) -> dict:
     }
 
 
+async def tokens(http: httpx.AsyncClient, endpoint: str, text: str) -> int:
+    """How many tokens llama-server at `endpoint` makes of `text` (its /tokenize)."""
+    reply = await http.post(f"{endpoint}/tokenize", json={"content": text})
+    reply.raise_for_status()
+    return len(reply.json()["tokens"])
+
+
 async def send(http: httpx.AsyncClient, url: str, payload: dict, *, through_stack: bool) -> Result:
     """One streamed chat completion; TTFT is the first event with text in it."""
     started = time.perf_counter()
