@@ -1,14 +1,16 @@
 """The Router's side of the semantic cache: look up before a generation, store after it.
 
 The exact lookup comes first (its key is the canonical prompt: case, spacing, politeness and the
-like do not matter); only when it misses is the final user message embedded for the semantic
-lookup (repeats are mostly near-verbatim, and an embedding per exact hit was the largest CPU cost
-of the hit path). An exact miss whose words no entry of its scope shares (the Cache says so: then
-no candidate could pass verification) skips the semantic lookup: its vector is computed after the
-answer, for the store. The two Lookup RPCs count as one lookup: the first says that a semantic
-lookup follows a miss, so the Cache counts only its hits. The whole lookup has a small budget (`cache_timeout_seconds`): a slow or
-broken cache is a miss, never a failed request; a slow one still gets the answer stored, since the
-vector is finished in the background. Stores run in the background after the client has its answer.
+like do not matter), read from Redis by the Router itself where it may (services/router/
+exact_reader.py), else through the Cache service. Only when it misses is the final user message
+embedded for the semantic lookup (repeats are mostly near-verbatim, and an embedding per exact hit
+was the largest CPU cost of the hit path), and only if some entry of the scope has the prompt's
+words (else no candidate could pass verification): the vector the store needs is then computed
+after the answer. The two lookups count as one: the first says that a semantic lookup follows a
+miss, so the Cache counts only its hits. The whole lookup has a small budget
+(`cache_timeout_seconds`): a slow or broken cache is a miss, never a failed request; a slow one
+still gets the answer stored, since the vector is finished in the background. Stores run in the
+background after the client has its answer.
 """
 
 from __future__ import annotations
