@@ -33,16 +33,19 @@ Result = TypeVar("Result")
 BATCH_SIZE = Histogram(
     "lmc_embedding_batch_size",
     "Texts per model call, after micro-batching.",
+    ["lane"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 QUEUE_WAIT = Histogram(
     "lmc_embedding_queue_wait_seconds",
     "Time a text waited from its RPC's arrival to the start of its model call.",
+    ["lane"],
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 INFERENCE_TIME = Histogram(
     "lmc_embedding_inference_seconds",
     "Time of one model call (tokenizing, the forward pass and pooling) for a whole batch.",
+    ["lane"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 
@@ -62,6 +65,7 @@ class MicroBatcher(Generic[Result]):
     """Runs `encode(texts) -> one result per text` on batches gathered from concurrent callers.
 
     `encode` is called in `executor`, which must run one call at a time (one worker thread).
+    `lane` labels the metrics (interactive or background).
     """
 
     def __init__(
@@ -71,6 +75,7 @@ class MicroBatcher(Generic[Result]):
         *,
         window_seconds: float,
         max_batch_size: int,
+        lane: str = "interactive",
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -78,6 +83,7 @@ class MicroBatcher(Generic[Result]):
         self._executor = executor
         self._window = max(0.0, window_seconds)
         self._max_batch_size = max_batch_size
+        self._lane = lane
         self._queue: deque[_Queued[Result]] = deque()
         self._running: list[_Queued[Result]] = []
         # Set while the worker sleeps; woken by the first text, or by a full batch.
@@ -86,6 +92,9 @@ class MicroBatcher(Generic[Result]):
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._last_batch_size = 0
+        self._batch_size = BATCH_SIZE.labels(lane)
+        self._queue_wait = QUEUE_WAIT.labels(lane)
+        self._inference_time = INFERENCE_TIME.labels(lane)
 
     @property
     def queued(self) -> int:
@@ -94,7 +103,7 @@ class MicroBatcher(Generic[Result]):
 
     def start(self) -> None:
         if self._worker is None:
-            self._worker = asyncio.get_running_loop().create_task(self._run(), name="embedding-batcher")
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"embedding-batcher-{self._lane}")
 
     async def submit(self, texts: Sequence[str]) -> list[Result]:
         """One result per text, in order. Raises BatcherClosedError after close()."""
@@ -177,8 +186,8 @@ class MicroBatcher(Generic[Result]):
             self._last_batch_size = len(batch)
             started = time.perf_counter()
             for item in batch:
-                QUEUE_WAIT.observe(started - item.arrived)
-            BATCH_SIZE.observe(len(batch))
+                self._queue_wait.observe(started - item.arrived)
+            self._batch_size.observe(len(batch))
             # Kept while the model runs so that close() can fail these callers.
             self._running = batch
             try:
@@ -193,7 +202,7 @@ class MicroBatcher(Generic[Result]):
                         item.future.set_exception(error)
                 continue
             self._running = []
-            INFERENCE_TIME.observe(time.perf_counter() - started)
+            self._inference_time.observe(time.perf_counter() - started)
             if len(results) != len(batch):
                 error = RuntimeError(f"the model returned {len(results)} results for {len(batch)} texts")
                 for item in batch:

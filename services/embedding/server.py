@@ -1,8 +1,9 @@
-"""The Embedding service process: gRPC server, one model thread, the micro-batcher, and shutdown.
+"""The Embedding service process: gRPC server, the model lanes (services/embedding/lanes.py), and
+shutdown.
 
-The server listens at once with health NOT_SERVING, loads and warms the model in its worker thread,
-then reports SERVING. Shutdown goes the other way: NOT_SERVING, in-flight RPCs drain, the batcher
-stops, the model thread ends.
+The server listens at once with health NOT_SERVING, loads and warms the interactive lane's model,
+then reports SERVING; the background lane's copy loads after that, at its own priority. Shutdown
+goes the other way: NOT_SERVING, in-flight RPCs drain, the batchers stop, the model threads end.
 
 `lmcluster serve embedding` runs `main()`; tests use `EmbeddingServer` on port 0 in their own loop.
 """
@@ -11,15 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Self
 
 from lmcluster.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 
 from services.common.binaries import PartMissingError
 from services.common.server import ServiceHost, run_service
-from services.embedding.batcher import MicroBatcher
-from services.embedding.encoder import EmbeddedText, Encoder, ModelLoadError, load_from_settings
+from services.embedding.encoder import Encoder, ModelLoadError, load_from_settings
+from services.embedding.lanes import Lanes, ThreadPolicy
 from services.embedding.servicer import SERVICE_NAME, EmbeddingServicer, Limits, LoadedModel
 from services.embedding.settings import EmbeddingSettings
 
@@ -35,7 +36,7 @@ class EmbeddingServer:
         await server.start()   # listening, health NOT_SERVING
         await server.load()    # model loaded and warmed up, health SERVING
         ...
-        await server.stop()    # NOT_SERVING, drain, batcher and model thread stopped
+        await server.stop()    # NOT_SERVING, drain, batchers and model threads stopped
 
     `async with EmbeddingServer(settings) as server:` does start and load, then stop.
     """
@@ -45,9 +46,8 @@ class EmbeddingServer:
         self.host = ServiceHost("embedding", settings, [SERVICE_NAME])
         self.servicer = EmbeddingServicer(Limits.from_settings(settings))
         self.host.add(pb_grpc.add_EmbeddingServiceServicer_to_server, self.servicer)
-        # The only thread that touches the model: loading, warm-up and every batch.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedding-model")
-        self._batcher: MicroBatcher[EmbeddedText] | None = None
+        self.lanes = Lanes.open(settings.background_lane)
+        self._background_load: asyncio.Task[None] | None = None
         self.encoder: Encoder | None = None
 
     @property
@@ -59,20 +59,14 @@ class EmbeddingServer:
         return await self.host.start()
 
     async def load(self) -> None:
-        """Loads and warms up the model in the model thread, then reports SERVING."""
-        loop = asyncio.get_running_loop()
-        encoder = await loop.run_in_executor(self._executor, load_from_settings, self.settings)
-        if self.settings.warmup:
-            await loop.run_in_executor(self._executor, encoder.warm_up)
+        """Loads and warms up the interactive model, reports SERVING, then starts loading the
+        background lane's copy (`background_loaded` waits for it)."""
+        load = partial(load_from_settings, self.settings)
+        await self.lanes.interactive.load(load, self.settings, "normal")
+        encoder = self.lanes.interactive.encoder
+        assert encoder is not None
         self.encoder = encoder
-        self._batcher = MicroBatcher(
-            encoder.encode,
-            self._executor,
-            window_seconds=self.settings.batch_window_ms / 1000,
-            max_batch_size=self.settings.max_batch_size,
-        )
-        self._batcher.start()
-        self.servicer.attach(LoadedModel(encoder.name, encoder.dimensions, self._batcher))
+        self.servicer.attach(LoadedModel(encoder.name, encoder.dimensions, self.lanes))
         await self.host.set_serving(True)
         log.info(
             "embedding %s with %s: batches of up to %d texts within %.1f ms",
@@ -81,16 +75,36 @@ class EmbeddingServer:
             self.settings.max_batch_size,
             self.settings.batch_window_ms,
         )
+        background = self.lanes.background
+        if background is not None:
+            policy: ThreadPolicy = "idle" if self.settings.background_lane == "idle" else "normal"
+            self._background_load = asyncio.create_task(
+                background.load(load, self.settings, policy), name="embedding-background-load"
+            )
+            self._background_load.add_done_callback(self._background_ready)
+
+    def _background_ready(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("the background lane's model failed to load; background texts share the interactive lane",
+                      exc_info=task.exception())
+            return
+        assert self.lanes.background is not None
+        log.info("background lane ready (thread under %s)", self.lanes.background.policy)
+
+    async def background_loaded(self) -> None:
+        """Waits until the background lane embeds on its own (at once without one)."""
+        if self._background_load is not None:
+            await asyncio.shield(self._background_load)
 
     async def stop(self) -> None:
-        """NOT_SERVING, drain in-flight RPCs, stop the batcher, then end the model thread."""
+        """NOT_SERVING, drain in-flight RPCs, stop the batchers, then end the model threads."""
         await self.host.stop()
-        if self._batcher is not None:
-            await self._batcher.close()
-        # Waiting on a no-op in the (single) model thread waits out whatever runs there now,
-        # without blocking the event loop; the shutdown after it is immediate.
-        await asyncio.get_running_loop().run_in_executor(self._executor, lambda: None)
-        self._executor.shutdown(wait=True)
+        if self._background_load is not None and not self._background_load.done():
+            # The load runs in the lane's thread, which close() waits out.
+            await asyncio.wait({self._background_load})
+        await self.lanes.close()
         log.info("embedding stopped")
 
     async def __aenter__(self) -> Self:

@@ -17,8 +17,8 @@ from lmcluster.embedding.v1 import embedding_service_pb2_grpc as pb_grpc
 from opentelemetry import trace
 from prometheus_client import Counter
 
-from services.embedding.batcher import BatcherClosedError, MicroBatcher
-from services.embedding.encoder import EmbeddedText
+from services.embedding.batcher import BatcherClosedError
+from services.embedding.lanes import Lanes
 from services.embedding.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class LoadedModel:
 
     name: str
     dimensions: int
-    batcher: MicroBatcher[EmbeddedText]
+    lanes: Lanes
 
 
 class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
@@ -87,6 +87,9 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 grpc.StatusCode.UNAVAILABLE,
                 "the embedding model is still loading; retry when health is SERVING",
             )
+        batcher = model.lanes.batcher_for(request.priority)
+        if batcher is None:  # stopping
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the embedding service is stopping; retry on another replica")
         texts = list(request.texts)
         problem = find_invalid_texts(texts, self._limits)
         if problem is not None:
@@ -95,7 +98,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
         if span.is_recording():  # the RPC's span (tracing on): how much work it brought
             span.set_attributes({"lmc.embedding.texts": len(texts), "lmc.embedding.chars": sum(map(len, texts))})
         try:
-            results = await model.batcher.submit(texts)
+            results = await batcher.submit(texts)
         except BatcherClosedError as error:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{error}; retry on another replica or later")
         except Exception as error:  # the model itself failed: nothing the caller did

@@ -15,6 +15,13 @@ from services.common.settings import ServiceSettings
 # "onnx-int8": ONNX Runtime with int8 weights, faster still but vectors drift (cosine about 0.97-0.99).
 # "torch": plain eager PyTorch, no export needed.
 Backend = Literal["onnx", "onnx-int8", "torch"]
+# The background lane (vectors of answers being stored, EMBED_PRIORITY_BACKGROUND):
+# "idle": a second copy of the model in a thread under SCHED_IDLE, which runs only on CPU that
+#   nothing else wants (llama-server's generations keep theirs; run it beside a llama-server
+#   under SCHED_IDLE too, the Supervisor's default, and the two share what is left over);
+# "normal": the same thread at normal priority (lookups still never queue behind stores);
+# "shared": no second copy (saves its memory, about 100 MB): background texts join the one queue.
+BackgroundLane = Literal["idle", "normal", "shared"]
 
 
 def _default_onnx_cache_dir() -> Path:
@@ -47,6 +54,9 @@ class EmbeddingSettings(ServiceSettings):
         description="Longest wait of a queued text for company while callers overlap; lone ones never wait.",
     )
     max_batch_size: int = Field(32, ge=1, le=1024, description="Most texts the model runs at once.")
+    background_lane: BackgroundLane = Field(
+        "idle", description="'idle' (default), 'normal' or 'shared': where background texts are embedded."
+    )
 
     max_batch: int = Field(256, ge=1, description="Most texts one Embed request may carry.")
     max_text_chars: int = Field(

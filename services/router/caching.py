@@ -260,9 +260,12 @@ class AnswerCache:
         task.add_done_callback(self._background.discard)
         return task
 
-    async def _embed(self, text: str, timeout: float) -> list[float]:
+    async def _embed(
+        self, text: str, timeout: float, priority: int = embedding_service_pb2.EMBED_PRIORITY_INTERACTIVE
+    ) -> list[float]:
         try:
-            reply = await self._embedding.Embed(embedding_service_pb2.EmbedRequest(texts=[text]), timeout=timeout)
+            request = embedding_service_pb2.EmbedRequest(texts=[text], priority=priority)
+            reply = await self._embedding.Embed(request, timeout=timeout)
         except grpc.aio.AioRpcError as error:
             log.warning("embedding failed (%s); the semantic cache is skipped", error.code().name)
             return []
@@ -292,8 +295,14 @@ class AnswerCache:
         vector: list[float],
         pending: asyncio.Task[list[float]] | None,
     ) -> None:
-        if not vector:
-            vector = await pending if pending is not None else await self._embed(request.prompt, BACKGROUND_EMBED_TIMEOUT)
+        if not vector and pending is not None:
+            vector = await pending
+        elif not vector:
+            # Nobody waits on this one: the Embedding service's background lane, which yields the
+            # CPU to lookups and to the generations.
+            vector = await self._embed(
+                request.prompt, BACKGROUND_EMBED_TIMEOUT, embedding_service_pb2.EMBED_PRIORITY_BACKGROUND
+            )
         if not vector:
             return
         request.embedding.extend(vector)

@@ -259,16 +259,20 @@ def load_payloads(tag: str) -> list[dict]:
     return payloads
 
 
-def start_probe(stack: Stack, stack_url: str, body: dict) -> subprocess.Popen[str]:
-    """Sequential exact hits from a process of its own while the load runs (tests/bench/hit_probe.py)."""
-    argv = [sys.executable, "-m", "tests.bench.hit_probe", stack_url, stack.grpc_target, json.dumps(body)]
+def start_probe(stack: Stack, stack_url: str, exact: dict, semantic: dict) -> subprocess.Popen[str]:
+    """Sequential hits from a process of its own while the load runs (tests/bench/hit_probe.py)."""
+    argv = [
+        sys.executable, "-m", "tests.bench.hit_probe", stack_url, stack.grpc_target, json.dumps(exact), json.dumps(semantic)
+    ]
     return subprocess.Popen(argv, cwd=REPO_ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
 
-def stop_probe(probe: subprocess.Popen[str]) -> dict[str, list[float]]:
+def stop_probe(probe: subprocess.Popen[str]) -> tuple[dict[str, list[float]], list[str]]:
+    """The probe's hit times by kind, and its replies that were not the expected hit."""
     out, _ = probe.communicate("", timeout=120)
     assert probe.returncode == 0, out
-    return json.loads(out)
+    found = json.loads(out)
+    return found["times"], found["problems"]
 
 
 def hit_line(name: str, run: Run, kind: str) -> str:
@@ -314,23 +318,30 @@ def report(stack: Stack) -> None:
         )
         assert not through.errors and not bare.errors, (through.errors[:2], bare.errors[:2])
 
-    # 2. Exact hits.
+    # 2. Exact hits, and semantic hits: a stored question's rewording with its closing phrase in front.
     hit = chat("You are terse.", "Name a large ocean.", max_tokens=8, stream=False)
+    original = "How long do updates last with the Solo licence?"
+    reworded = fronted(original)
+    assert reworded is not None
+    semantic = chat("You are terse.", reworded, max_tokens=8, stream=False, cache={"skip_store": True})
     with httpx.Client(timeout=TIMEOUT) as http:
-        first = http.post(stack_url, json=hit)
-        assert first.status_code == 200, first.text
-        deadline = time.monotonic() + 30
-        while http.post(stack_url, json=hit).headers.get("x-lmc-cache") != "hit":
-            assert time.monotonic() < deadline, "the answer was never stored"
-            time.sleep(0.2)
+        for stored in (hit, chat("You are terse.", original, max_tokens=8, stream=False)):
+            first = http.post(stack_url, json=stored)
+            assert first.status_code == 200, first.text
+            deadline = time.monotonic() + 30
+            while http.post(stack_url, json=stored).headers.get("x-lmc-cache") != "hit":
+                assert time.monotonic() < deadline, "the answer was never stored"
+                time.sleep(0.2)
+        assert http.post(stack_url, json=semantic).headers.get("x-lmc-cache-kind") == "semantic"
     rows = {
         "REST unary through Envoy": asyncio.run(rest_hits(stack_url, hit)),
         "REST streamed through Envoy (TTFT)": asyncio.run(rest_hits(stack_url, {**hit, "stream": True})),
         "native gRPC through Envoy": grpc_hits(stack.grpc_target, hit),
         "native gRPC straight to the Router": grpc_hits(stack.router, hit),
+        "REST unary through Envoy, semantic hits": asyncio.run(rest_hits(stack_url, semantic)),
     }
     progress("exact hits done")
-    print(f"\n| idle, {HITS} sequential exact hits | p50 ms | p99 ms |")
+    print(f"\n| idle, {HITS} sequential hits | p50 ms | p99 ms |")
     print("|---|---|---|")
     for name, times in rows.items():
         print(f"| {name} | {ms(percentile(times, 0.5))} | {ms(percentile(times, 0.99))} |")
@@ -339,6 +350,7 @@ def report(stack: Stack) -> None:
     runs: dict[str, Run] = {}
     verdicts: dict[str, Counter] = {}
     probes: dict[str, dict[str, list[float]]] = {}
+    problems: dict[str, list[str]] = {}
     for name, policy, niceness in SCHEDULING:
         try:
             schedule(backend.pid, policy, niceness)
@@ -348,9 +360,9 @@ def report(stack: Stack) -> None:
         payloads = load_payloads(f"{name}-{time.monotonic_ns()}")
         time.sleep(REPORT_INTERVAL_SECONDS + 1)  # the Routers' counts of the phase before have arrived
         before = cache_counters(stack)
-        probe = start_probe(stack, stack_url, hit)
+        probe = start_probe(stack, stack_url, hit, semantic)
         runs[name] = asyncio.run(closed_loop(stack_url, from_list(payloads), LOAD_CLIENTS, through_stack=True))
-        probes[name] = stop_probe(probe)
+        probes[name], problems[name] = stop_probe(probe)
         time.sleep(REPORT_INTERVAL_SECONDS + 1)
         verdicts[name] = cache_counters(stack)
         verdicts[name].subtract(before)
@@ -360,7 +372,7 @@ def report(stack: Stack) -> None:
     for name, run in runs.items():
         for kind in ("exact", "semantic"):
             print(hit_line(f"llama-server at {name}", run, kind))
-    print(f"\n| beside the load, a client of its own (tests/bench/hit_probe.py) | exact hits | p50 ms | p99 ms |")
+    print(f"\n| beside the load, a client of its own (tests/bench/hit_probe.py) | hits | p50 ms | p99 ms |")
     print("|---|---|---|---|")
     for name, found in probes.items():
         for kind, times in found.items():
@@ -376,6 +388,12 @@ def report(stack: Stack) -> None:
         )
     for name, counts in verdicts.items():
         print(f"Cache at {name}: {dict(+counts)}")
+    for name, wrong in problems.items():
+        misses = Counter(problem for problem in wrong if problem.startswith("miss: "))
+        if misses:
+            print(f"Probe at {name}: lookups past the Router's budget (misses): {dict(misses)}")
+        wrong = [problem for problem in wrong if not problem.startswith("miss: ")]
+        assert not wrong, f"{len(wrong)} probe replies were not the expected hit: {wrong[:3]}"
     for run in runs.values():
         assert not run.errors, run.errors[:3]
         assert len(run.results) == LOAD_REQUESTS

@@ -21,6 +21,7 @@ from tests.cache.test_quality import Pair, load_pairs
 from tests.chaos.faults import part_pid, paused
 from tests.fixtures.parts import REPO_ROOT
 from tests.fixtures.stack import DEMO_FILE, DEMO_PUBLISHER, DEMO_REPO, Stack, running_stack
+from tests.fixtures.threads import threads_under
 from tests.router.end_to_end_support import (
     HTTP_TIMEOUT,
     assert_openai_error,
@@ -97,6 +98,31 @@ def test_exact_hits_and_misses_without_candidates_never_call_the_cache_service(s
         ]
     assert [(r.status_code, r.headers["x-lmc-cache"]) for r in answers] == [(200, "hit"), (200, "hit"), (200, "miss")]
     assert cache_lookup_calls(stack) == calls
+
+
+def embedding_batches(stack: Stack, lane: str) -> float | None:
+    """Model calls of one lane of the Embedding service; None before that lane exists."""
+    text = httpx.get(stack.metrics["embedding"], timeout=10).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "lmc_embedding_batch_size_count" and sample.labels.get("lane") == lane:
+                return sample.value
+    return None
+
+
+def test_an_answer_is_stored_with_a_vector_from_the_background_lane_under_sched_idle(stack: Stack) -> None:
+    """Nobody waits on a stored answer's vector: it is computed in the Embedding service's own
+    SCHED_IDLE thread, never ahead of lookups or the model's generations."""
+    until(lambda: embedding_batches(stack, "background") is not None, 120, "the background lane loaded")
+    assert threads_under(part_pid(stack, "embedding"), os.SCHED_IDLE) == 1
+    system = system_prompt()
+    before = embedding_batches(stack, "background") or 0.0
+    lookups = embedding_batches(stack, "interactive") or 0.0
+    with client(stack) as http:
+        post_until_hit(http, "/v1/chat/completions", chat_body("Name the largest ocean on Earth.", system=system))
+    assert (embedding_batches(stack, "background") or 0.0) > before
+    # A question with no cached candidate looks nothing up semantically: no interactive embedding.
+    assert embedding_batches(stack, "interactive") == lookups
 
 
 def test_exact_hits_are_served_while_the_cache_service_hangs(stack: Stack) -> None:

@@ -266,7 +266,7 @@ async def test_batch_sizes_are_recorded(
     closing.append(batcher)
 
     def sample(name: str) -> float:
-        return REGISTRY.get_sample_value(name) or 0.0
+        return REGISTRY.get_sample_value(name, {"lane": "interactive"}) or 0.0
 
     before = sample("lmc_embedding_batch_size_sum"), sample("lmc_embedding_batch_size_count")
     await asyncio.wait_for(batcher.submit(["x"] * 5), HANG_GUARD_SECONDS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from services.embedding.server import EmbeddingServer
 from services.embedding.servicer import SERVICE_NAME
 from services.embedding.settings import EmbeddingSettings
 from tests.fixtures.parts import free_port, running_part
+from tests.fixtures.threads import threads_under
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -60,6 +62,10 @@ async def server() -> AsyncIterator[EmbeddingServer]:
 async def stub(server: EmbeddingServer) -> AsyncIterator[pb_grpc.EmbeddingServiceStub]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         yield pb_grpc.EmbeddingServiceStub(channel)
+
+
+def batches(lane: str) -> float:
+    return REGISTRY.get_sample_value("lmc_embedding_batch_size_count", {"lane": lane}) or 0.0
 
 
 def reference(model: SentenceTransformer, texts: list[str]) -> np.ndarray:
@@ -126,9 +132,9 @@ async def test_concurrent_callers_each_get_their_own_vectors(
         + [f"Request {i}, extra text {j} on {topics[(i + j) % len(topics)]}." for j in range(i % 3)]
         for i in range(50)
     ]
-    before = REGISTRY.get_sample_value("lmc_embedding_batch_size_count") or 0.0
+    before = batches("interactive")
     replies = await asyncio.gather(*(stub.Embed(pb.EmbedRequest(texts=texts)) for texts in requests))
-    assert (REGISTRY.get_sample_value("lmc_embedding_batch_size_count") or 0.0) > before
+    assert batches("interactive") > before
     all_texts = [text for texts in requests for text in texts]
     expected = dict(zip(all_texts, reference(embedding_model, all_texts), strict=True))
     for texts, reply in zip(requests, replies, strict=True):
@@ -191,6 +197,55 @@ async def test_cancelled_calls_leave_the_others_and_the_service_working(
                 await call  # finished before the cancel, or cancelled
     reply = await stub.Embed(pb.EmbedRequest(texts=["still here"]))
     assert len(reply.embeddings) == 1
+
+
+BACKGROUND = pb.EMBED_PRIORITY_BACKGROUND
+
+
+async def test_background_texts_get_the_same_vectors_on_a_lane_of_their_own_under_sched_idle(
+    server: EmbeddingServer, stub: pb_grpc.EmbeddingServiceStub, embedding_model: SentenceTransformer
+) -> None:
+    await server.background_loaded()
+    assert server.lanes.background is not None and server.lanes.background.policy == "idle"
+    assert threads_under(os.getpid(), os.SCHED_IDLE) >= 1
+    texts = ["Which plan includes phone support?", "How long do updates last with the Solo licence?"]
+    before = batches("background"), batches("interactive")
+    reply = await stub.Embed(pb.EmbedRequest(texts=texts, priority=BACKGROUND))
+    assert (batches("background") - before[0], batches("interactive") - before[1]) == (1, 0)
+    got = np.array([list(embedding.vector) for embedding in reply.embeddings], dtype=np.float32)
+    assert np.sum(got * reference(embedding_model, texts), axis=1).min() > 0.999
+    assert [embedding.token_count for embedding in reply.embeddings] == [
+        len(embedding_model.tokenizer(text)["input_ids"]) for text in texts
+    ]
+
+
+async def test_an_interactive_text_never_waits_for_background_work(
+    server: EmbeddingServer, stub: pb_grpc.EmbeddingServiceStub
+) -> None:
+    """A full batch of long texts on the background lane (seconds of CPU) is still running when a
+    lookup's text, sent after it, has its vector."""
+    await server.background_loaded()
+    long_texts = [f"Document {i}: " + "the licence terms and the refund policy explained at length " * 60 for i in range(MAX_BATCH)]
+    stores = [asyncio.ensure_future(stub.Embed(pb.EmbedRequest(texts=long_texts, priority=BACKGROUND))) for _ in range(3)]
+    await asyncio.sleep(0.2)  # the background lane has taken the first batch
+    lookup = await stub.Embed(pb.EmbedRequest(texts=["Is there a refund policy?"]))
+    still_running = [not store.done() for store in stores]
+    replies = await asyncio.gather(*stores)
+    assert len(lookup.embeddings) == 1
+    assert any(still_running), "the background work finished before the lookup; it proves nothing"
+    assert all(len(reply.embeddings) == MAX_BATCH for reply in replies)
+
+
+async def test_a_shared_lane_embeds_background_texts_in_the_one_model_thread() -> None:
+    async with EmbeddingServer(make_settings(background_lane="shared")) as shared:
+        await shared.background_loaded()
+        assert shared.lanes.background is None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{shared.port}") as channel:
+            before = batches("interactive")
+            reply = await pb_grpc.EmbeddingServiceStub(channel).Embed(
+                pb.EmbedRequest(texts=["one text"], priority=BACKGROUND)
+            )
+        assert len(reply.embeddings) == 1 and batches("interactive") == before + 1
 
 
 def test_the_service_process_serves_and_stops_on_sigterm(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
 
 import grpc
 import httpx
@@ -15,6 +14,7 @@ from lmcluster.supervisor.v1 import supervisor_pb2
 from lmcluster.supervisor.v1 import supervisor_service_pb2 as pb
 
 from services.registry.server import RunningRegistry
+from tests.fixtures.threads import threads_niceness, threads_policy
 from tests.supervisor.support import (
     BROKEN_ALIAS,
     DEMO_ALIAS,
@@ -31,23 +31,6 @@ READY = supervisor_pb2.BACKEND_STATE_READY
 FAILED = supervisor_pb2.BACKEND_STATE_FAILED
 STOPPED = supervisor_pb2.BACKEND_STATE_STOPPED
 DRAINING = supervisor_pb2.BACKEND_STATE_DRAINING
-
-
-def threads_stat(pid: int, field: int) -> set[int]:
-    """One numeric field of /proc/PID/task/TID/stat (counted from 1) over every thread of `pid`."""
-    found = set()
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        stat = (task / "stat").read_text()
-        found.add(int(stat[stat.rindex(")") + 2 :].split()[field - 3]))
-    return found
-
-
-def threads_niceness(pid: int) -> set[int]:
-    return threads_stat(pid, 19)
-
-
-def threads_policy(pid: int) -> set[int]:
-    return threads_stat(pid, 41)
 
 
 async def ensure(stub, model: str, variant: str = "") -> supervisor_pb2.Backend:  # type: ignore[no-untyped-def]

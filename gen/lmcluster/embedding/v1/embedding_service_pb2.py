@@ -24,19 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.lmcluster/embedding/v1/embedding_service.proto\x12\x16lmcluster.embedding.v1\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"C\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"i\n\rEmbedResponse\x12\x35\n\nembeddings\x18\x01 \x03(\x0b\x32!.lmcluster.embedding.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r2h\n\x10\x45mbeddingService\x12T\n\x05\x45mbed\x12$.lmcluster.embedding.v1.EmbedRequest\x1a%.lmcluster.embedding.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n.lmcluster/embedding/v1/embedding_service.proto\x12\x16lmcluster.embedding.v1\"V\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\x12\x37\n\x08priority\x18\x02 \x01(\x0e\x32%.lmcluster.embedding.v1.EmbedPriority\"C\n\tEmbedding\x12\x0e\n\x06vector\x18\x01 \x03(\x02\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\"i\n\rEmbedResponse\x12\x35\n\nembeddings\x18\x01 \x03(\x0b\x32!.lmcluster.embedding.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r*n\n\rEmbedPriority\x12\x1e\n\x1a\x45MBED_PRIORITY_UNSPECIFIED\x10\x00\x12\x1e\n\x1a\x45MBED_PRIORITY_INTERACTIVE\x10\x01\x12\x1d\n\x19\x45MBED_PRIORITY_BACKGROUND\x10\x02\x32h\n\x10\x45mbeddingService\x12T\n\x05\x45mbed\x12$.lmcluster.embedding.v1.EmbedRequest\x1a%.lmcluster.embedding.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'lmcluster.embedding.v1.embedding_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_EMBEDPRIORITY']._serialized_start=338
+  _globals['_EMBEDPRIORITY']._serialized_end=448
   _globals['_EMBEDREQUEST']._serialized_start=74
-  _globals['_EMBEDREQUEST']._serialized_end=103
-  _globals['_EMBEDDING']._serialized_start=105
-  _globals['_EMBEDDING']._serialized_end=172
-  _globals['_EMBEDRESPONSE']._serialized_start=174
-  _globals['_EMBEDRESPONSE']._serialized_end=279
-  _globals['_EMBEDDINGSERVICE']._serialized_start=281
-  _globals['_EMBEDDINGSERVICE']._serialized_end=385
+  _globals['_EMBEDREQUEST']._serialized_end=160
+  _globals['_EMBEDDING']._serialized_start=162
+  _globals['_EMBEDDING']._serialized_end=229
+  _globals['_EMBEDRESPONSE']._serialized_start=231
+  _globals['_EMBEDRESPONSE']._serialized_end=336
+  _globals['_EMBEDDINGSERVICE']._serialized_start=450
+  _globals['_EMBEDDINGSERVICE']._serialized_end=554
 # @@protoc_insertion_point(module_scope)

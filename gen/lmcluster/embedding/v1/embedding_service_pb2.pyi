@@ -1,4 +1,5 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -6,11 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EmbedPriority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EMBED_PRIORITY_UNSPECIFIED: _ClassVar[EmbedPriority]
+    EMBED_PRIORITY_INTERACTIVE: _ClassVar[EmbedPriority]
+    EMBED_PRIORITY_BACKGROUND: _ClassVar[EmbedPriority]
+EMBED_PRIORITY_UNSPECIFIED: EmbedPriority
+EMBED_PRIORITY_INTERACTIVE: EmbedPriority
+EMBED_PRIORITY_BACKGROUND: EmbedPriority
+
 class EmbedRequest(_message.Message):
-    __slots__ = ("texts",)
+    __slots__ = ("texts", "priority")
     TEXTS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     texts: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+    priority: EmbedPriority
+    def __init__(self, texts: _Optional[_Iterable[str]] = ..., priority: _Optional[_Union[EmbedPriority, str]] = ...) -> None: ...
 
 class Embedding(_message.Message):
     __slots__ = ("vector", "token_count", "truncated")
