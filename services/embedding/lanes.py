@@ -9,7 +9,8 @@ prompt's processing. It shares that CPU with a llama-server under SCHED_IDLE (th
 default) as an equal.
 
 The interactive lane loads first and the service reports SERVING with it alone; until the
-background copy is loaded (at its own low priority), background texts join the interactive queue.
+background copy is loaded, background texts join the interactive queue. The background copy runs
+on one thread whatever `threads` says: it is there to use spare CPU, not to compete for cores.
 """
 
 from __future__ import annotations
@@ -63,13 +64,15 @@ class Lane:
         return cls(name, ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"embedding-{name}"))
 
     async def load(self, load: Callable[[], Encoder], settings: EmbeddingSettings, policy: ThreadPolicy) -> None:
-        """Sets the thread's policy, then loads and warms the model in it (a runtime's own worker
-        threads, with `threads` > 1, inherit the policy when the model creates them)."""
+        """Loads and warms the model in the lane's thread at normal priority (a load that waited
+        for idle CPU could hold up a shutdown for as long), then puts the thread under `policy`.
+        A policy other than normal needs a model on one thread: a runtime's own worker threads,
+        created with the model, would keep normal priority."""
         loop = asyncio.get_running_loop()
-        self.policy = await loop.run_in_executor(self.executor, schedule_this_thread, policy)
         encoder = await loop.run_in_executor(self.executor, load)
         if settings.warmup:
             await loop.run_in_executor(self.executor, encoder.warm_up)
+        self.policy = await loop.run_in_executor(self.executor, schedule_this_thread, policy)
         self.encoder = encoder
         self.batcher = MicroBatcher(
             encoder.encode,

@@ -78,8 +78,9 @@ class EmbeddingServer:
         background = self.lanes.background
         if background is not None:
             policy: ThreadPolicy = "idle" if self.settings.background_lane == "idle" else "normal"
+            one_thread = partial(load_from_settings, self.settings.model_copy(update={"threads": 1}))
             self._background_load = asyncio.create_task(
-                background.load(load, self.settings, policy), name="embedding-background-load"
+                background.load(one_thread, self.settings, policy), name="embedding-background-load"
             )
             self._background_load.add_done_callback(self._background_ready)
 

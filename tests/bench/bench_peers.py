@@ -557,6 +557,9 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
             if target.kind == "bare" or target.slug == "litellm-none"
             else f"{len(load_hits)}" + (f" ({kinds})" if kinds else "")
         )
+        if target is lmcluster and coalesced:
+            # Repeats that arrived while their question was generating read that generation.
+            hits_cell += f"; +{coalesced} joined a running generation"
         wrong_cell = "—" if hits_cell == "—" else f"{wrong}" + (f" (+{unknown} unmatched)" if unknown else "")
         print(
             f"| {target.name} | {miss} | {overhead} | {ms(ttft(target.hits, 0.5))} / {ms(ttft(target.hits, 0.99))} "
