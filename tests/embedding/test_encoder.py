@@ -131,9 +131,25 @@ def test_onnx_vectors_equal_sentence_transformers_on_torch(
     assert cosines(got, expected).min() >= 0.999
 
 
+def test_the_direct_onnx_path_gives_the_librarys_own_vectors_on_the_same_session(onnx_loaded: LoadedOnce) -> None:
+    """The ONNX encoders skip sentence-transformers' per-call input handling; what they compute
+    must not move: long texts (truncated), padding in a batch of mixed lengths, outer spaces."""
+    encoder = onnx_loaded.encoder
+    assert encoder.direct is not None
+    texts = [*SENTENCES, "  padded with spaces  ", "word " * 400, "line\nbreaks\tand tabs"]
+    library = encoder.model.encode(texts, convert_to_numpy=True, normalize_embeddings=True)
+    np.testing.assert_allclose(vectors(encoder, texts), library, atol=1e-5)
+    for text in texts[-3:]:
+        np.testing.assert_allclose(vectors(encoder, [text])[0], library[texts.index(text)], atol=1e-5)
+    # More texts than one model call takes: chunked, in order.
+    many = texts * 3
+    np.testing.assert_allclose(encoder.direct.encode(many), np.concatenate([library] * 3), atol=1e-5)
+
+
 def test_torch_backend_gives_sentence_transformers_vectors(
     torch_encoder: Encoder, embedding_model: SentenceTransformer
 ) -> None:
+    assert torch_encoder.direct is None
     got = vectors(torch_encoder, SENTENCES)
     expected = embedding_model.encode(SENTENCES, convert_to_numpy=True, normalize_embeddings=True)
     np.testing.assert_allclose(got, expected, atol=1e-5)
