@@ -126,13 +126,14 @@ async def seed_scopes(stack_url: str) -> None:
 async def equal_tags(http: httpx.AsyncClient, endpoint: str, question: str) -> tuple[str, str]:
     """Two tagged copies of `question` that tokenize to as many tokens: each side of a pair then
     has exactly as many prompt tokens to evaluate (one token is about 8 ms on these cores)."""
-    first = f"[{secrets.token_hex(3)}] {question}"
-    wanted = await tokens(http, endpoint, first)
-    for _ in range(200):
-        second = f"[{secrets.token_hex(3)}] {question}"
-        if await tokens(http, endpoint, second) == wanted:
-            return first, second
-    raise AssertionError(f"no tag of {wanted} tokens for {question!r}")
+    seen: dict[int, str] = {}  # a tagged copy per token count: some random tags tokenize unusually
+    for _ in range(400):
+        tagged = f"[{secrets.token_hex(3)}] {question}"
+        count = await tokens(http, endpoint, tagged)
+        if count in seen:
+            return seen[count], tagged
+        seen[count] = tagged
+    raise AssertionError(f"no two tags of as many tokens for {question!r}")
 
 
 def moved_words(question: str) -> str:
