@@ -1,7 +1,7 @@
 """lmcluster side by side with the LiteLLM proxy, in front of the same llama-server.
 
 Run: `make bench-peers` (set-up, LiteLLM's install (deploy/local/peers.sh), then this file; about
-7.5 minutes on 2 cores; BENCH_PEERS_* make it smaller). Not part of `make test` nor of `make bench`.
+13 minutes on 2 cores; BENCH_PEERS_* make it smaller). Not part of `make test` nor of `make bench`.
 It prints the tables of docs/benchmarks.md, "Side by side with LiteLLM", and asserts only
 correctness (every request answered, zero errors), never time.
 
@@ -27,8 +27,8 @@ Phases, per target:
    two appear together in another question) are never asked twice in the whole run, so neither
    llama-server's prompt cache nor any answer cache helps, and no two are closer than 0.92 cosine
    (all-MiniLM-L6-v2, system message and question concatenated as LiteLLM embeds them: 0.90 at
-   most), so the semantic caches miss too. Overhead: the
-   target's TTFT p50 minus the bare one's over the same minutes.
+   most), so the semantic caches miss too. Overhead: the median
+   of the pairs' differences (target TTFT minus bare TTFT, asked back to back).
 2. hits: the first HIT_QUESTIONS of those questions again, HIT_REPEATS times, one at a time:
    TTFT p50/p99 (for bare llama-server and LiteLLM without a cache: a repeated question answered by
    the model).
@@ -42,6 +42,12 @@ Phases, per target:
    (the hit's text is not an answer the model gave this target for its own question, but one it
    gave for another), and how close LiteLLM's semantic cache finds the workload's questions
    (`close_pairs`).
+4. more load rounds (LOAD_ROUNDS, 2 by default): the same load again for every target, in the
+   reverse order of the round before (bare, lmcluster, LiteLLM ×3, then LiteLLM ×3, lmcluster,
+   bare), each with a system message of its own again ("Session: <target> round <n>"), so no answer
+   and no KV cache of an earlier round helps. Only their requests per second (and errors) are kept:
+   one 45-second load per target swings with the machine's speed, which moves within minutes on
+   these shared cores; the table's requests/s is the mean over the rounds.
 """
 
 from __future__ import annotations
@@ -96,6 +102,7 @@ HIT_REPEATS = int(os.environ.get("BENCH_PEERS_HIT_REPEATS", "3"))
 USERS = int(os.environ.get("BENCH_PEERS_USERS", "16"))
 REQUESTS = int(os.environ.get("BENCH_PEERS_REQUESTS", "160"))
 POPULAR = int(os.environ.get("BENCH_PEERS_POPULAR", "20"))
+LOAD_ROUNDS = int(os.environ.get("BENCH_PEERS_LOAD_ROUNDS", "2"))
 REPEAT_SHARE = 0.6
 WARMUP = 3
 THRESHOLD = 0.95  # lmcluster's default LMC_CACHE_THRESHOLD
@@ -246,6 +253,18 @@ class Target:
     hits: list[Answer] = field(default_factory=list)
     load: Run = field(default_factory=Run)
     load_answers: list[Answer] = field(default_factory=list)
+    reruns: list[Run] = field(default_factory=list)  # the later load rounds (requests/s and errors)
+
+    @property
+    def rate(self) -> float:
+        """Requests per second over every load round."""
+        rounds = [self.load, *self.reruns]
+        return sum(run.rate for run in rounds) / len(rounds)
+
+    def rate_cell(self) -> str:
+        if not self.reruns:
+            return f"{self.load.rate:.2f}"
+        return f"{self.rate:.2f} ({', '.join(f'{run.rate:.2f}' for run in (self.load, *self.reruns))})"
 
     @property
     def headers(self) -> dict[str, str]:
@@ -315,8 +334,9 @@ async def miss_and_hit_phases(target: Target, bare: Target, fresh: Iterator[str]
                 target.hits.append(await target.ask(http, recorder, again))
 
 
-async def load_phase(target: Target, bare: Target, asks: list[Ask]) -> None:
-    system = f"Session: {target.slug}.\n"
+async def load_phase(target: Target, bare: Target, asks: list[Ask], round_number: int = 1) -> None:
+    """The load; round 1 keeps every answer, later rounds only their Run (in `target.reruns`)."""
+    system = f"Session: {target.slug}.\n" if round_number == 1 else f"Session: {target.slug} round {round_number}.\n"
     async with bare.client() as (http, recorder):  # each document's prompt, into llama-server's KV cache
         for question in {ask.question.document.name: ask.question for ask in asks}.values():
             warm = await bare.ask(
@@ -324,7 +344,8 @@ async def load_phase(target: Target, bare: Target, asks: list[Ask]) -> None:
             )
             assert warm.result.ok, warm.result.error
     payloads = [payload(system + ask.question.system, ask.text) for ask in asks]
-    target.load_answers = [Answer(Result(False, "", 0, 0, "not sent"))] * len(payloads)
+    answers = [Answer(Result(False, "", 0, 0, "not sent"))] * len(payloads)
+    run = target.load if round_number == 1 else Run()
     pending = list(reversed(list(enumerate(payloads))))
     async with target.client() as (http, recorder):
 
@@ -332,12 +353,16 @@ async def load_phase(target: Target, bare: Target, asks: list[Ask]) -> None:
             while pending:
                 index, one = pending.pop()
                 answer = await target.ask(http, recorder, one)
-                target.load_answers[index] = answer
-                target.load.results.append(answer.result)
+                answers[index] = answer
+                run.results.append(answer.result)
 
         started = time.perf_counter()
         await asyncio.gather(*(user() for _ in range(USERS)))
-        target.load.wall = time.perf_counter() - started
+        run.wall = time.perf_counter() - started
+    if round_number == 1:
+        target.load_answers = answers
+    else:
+        target.reruns.append(run)
 
 
 def wrong_hits(target: Target, asks: list[Ask]) -> tuple[int, int, list[str]]:
@@ -512,6 +537,30 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
             asyncio.run(load_phase(peer, bare, asks))
         progress(f"{peer.name}: load {peer.load.wall:.0f} s")
 
+    # Later load rounds, each in the reverse order of the one before: requests/s only.
+    order = targets
+    for round_number in range(2, LOAD_ROUNDS + 1):
+        order = list(reversed(order))
+        for target in order:
+            if target.kind == "litellm":
+                # Caches of their own: LiteLLM's semantic cache would serve round 1's answers to
+                # round 2's questions, whose system message differs by a word.
+                config = litellm_config(
+                    cache={"litellm-none": "none", "litellm-exact": "exact", "litellm-semantic": "semantic"}[target.slug],
+                    model=MODEL,
+                    backend_url=backend_url,
+                    redis_url=redis_stack,
+                    namespace=f"litellm-bench-{target.slug}-{tag}-round{round_number}",
+                    embeddings_url=stack.base_url,
+                    similarity_threshold=THRESHOLD,
+                )
+                with running_litellm(binary, f"{target.slug}-round{round_number}", config, tmp_path) as url:
+                    target.url = f"{url}/v1/chat/completions"
+                    asyncio.run(load_phase(target, bare, asks, round_number))
+            else:
+                asyncio.run(load_phase(target, bare, asks, round_number))
+            progress(f"{target.name}: load round {round_number} {target.reruns[-1].wall:.0f} s")
+
     # --- report -----------------------------------------------------------------------------------
     repeats = sum(ask.repeat for ask in asks)
     reworded = sum(ask.repeat and ask.wording > 0 for ask in asks)
@@ -532,14 +581,15 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
         f"({reworded} reworded), max_tokens {MAX_TOKENS}, temperature 0, streamed\n"
     )
     print(
-        "| target | miss TTFT p50 ms | miss overhead over bare, p50 ms | hit TTFT p50 / p99 ms "
-        "| load requests/s | load hits | hits with another question's answer | errors |"
+        "| target | miss TTFT p50 ms | miss overhead over bare, p50 of the paired differences, ms | hit TTFT p50 / p99 ms "
+        f"| load requests/s{' (mean of rounds: each round)' if LOAD_ROUNDS > 1 else ''} | load hits "
+        "| hits with another question's answer | errors |"
     )
     print("|---|---|---|---|---|---|---|---|")
     wrong_examples: list[str] = []
     for target in targets:
         answers = target.misses + target.bare_misses + target.hits + target.load_answers
-        errors = sum(not a.result.ok for a in answers)
+        errors = sum(not a.result.ok for a in answers) + sum(not r.ok for run in target.reruns for r in run.results)
         load_hits = [a for a in target.load_answers if a.result.cache == "hit"]
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(Counter(a.kind for a in load_hits).items()))
         wrong, unknown, examples = wrong_hits(target, asks)
@@ -550,8 +600,15 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
         else:
             misses = [a for a in target.misses if a.result.cache != "hit"]
             miss = ms(ttft(misses, 0.5))
-            delta = ttft(misses, 0.5) - ttft(target.bare_misses, 0.5)
-            overhead = f"{delta * 1000:+.0f} ({ttft(misses, 0.5) / ttft(target.bare_misses, 0.5):.2f}×)"
+            # The median of the pairs' differences (each pair asked back to back), as bench_latency
+            # does: steadier than the difference of two medians while the machine's speed drifts.
+            differences = [
+                mine.result.ttft - theirs.result.ttft
+                for mine, theirs in zip(target.misses, target.bare_misses, strict=True)
+                if mine.result.ok and theirs.result.ok and mine.result.cache != "hit"
+            ]
+            delta = percentile(differences, 0.5)
+            overhead = f"{delta * 1000:+.0f} (medians {ttft(misses, 0.5) / ttft(target.bare_misses, 0.5):.2f}×)"
         hits_cell = (
             "—"
             if target.kind == "bare" or target.slug == "litellm-none"
@@ -563,7 +620,7 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
         wrong_cell = "—" if hits_cell == "—" else f"{wrong}" + (f" (+{unknown} unmatched)" if unknown else "")
         print(
             f"| {target.name} | {miss} | {overhead} | {ms(ttft(target.hits, 0.5))} / {ms(ttft(target.hits, 0.99))} "
-            f"| {target.load.rate:.2f} | {hits_cell} | {wrong_cell} | {errors} |"
+            f"| {target.rate_cell()} | {hits_cell} | {wrong_cell} | {errors} |"
         )
 
     print(
@@ -596,13 +653,14 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
         for t in targets
         for a in t.misses + t.bare_misses + t.hits + t.load_answers
         if not a.result.ok
-    ]
+    ] + [result.error for t in targets for run in t.reruns for result in run.results if not result.ok]
     for error in failures[:10]:
         print("  error:", error)
 
     assert not failures, failures[:3]
     for target in targets:
         assert len(target.load.results) == REQUESTS, target.name
+        assert [len(run.results) for run in target.reruns] == [REQUESTS] * (LOAD_ROUNDS - 1), target.name
         assert all(a.result.ok for a in target.load_answers), target.name
         assert len(target.hits) == HIT_QUESTIONS * HIT_REPEATS, target.name
     assert all(a.text for t in targets for a in t.load_answers), "an answer without text"
