@@ -519,17 +519,22 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
     coalesced = int(counter(stack, "lmc_router_coalesced_requests_total") - coalesced_before)
     progress(f"lmcluster: load {lmcluster.load.wall:.0f} s")
 
-    configs = {}
-    for peer, cache in zip(peers, ("none", "exact", "semantic")):
-        config = litellm_config(
-            cache=cache,
+    caches = {"litellm-none": "none", "litellm-exact": "exact", "litellm-semantic": "semantic"}
+
+    def peer_config(peer: Target, namespace: str) -> dict:
+        return litellm_config(
+            cache=caches[peer.slug],
             model=MODEL,
             backend_url=backend_url,
             redis_url=redis_stack,
-            namespace=f"litellm-bench-{cache}-{tag}",
+            namespace=namespace,
             embeddings_url=stack.base_url,
             similarity_threshold=THRESHOLD,
         )
+
+    configs = {}
+    for peer in peers:
+        config = peer_config(peer, f"litellm-bench-{caches[peer.slug]}-{tag}")
         configs[peer.slug] = config
         with running_litellm(binary, peer.slug, config, tmp_path) as url:
             peer.url = f"{url}/v1/chat/completions"
@@ -545,15 +550,7 @@ def test_lmcluster_and_litellm_side_by_side(peers_stack: Stack, redis_stack: str
             if target.kind == "litellm":
                 # Caches of their own: LiteLLM's semantic cache would serve round 1's answers to
                 # round 2's questions, whose system message differs by a word.
-                config = litellm_config(
-                    cache={"litellm-none": "none", "litellm-exact": "exact", "litellm-semantic": "semantic"}[target.slug],
-                    model=MODEL,
-                    backend_url=backend_url,
-                    redis_url=redis_stack,
-                    namespace=f"litellm-bench-{target.slug}-{tag}-round{round_number}",
-                    embeddings_url=stack.base_url,
-                    similarity_threshold=THRESHOLD,
-                )
+                config = peer_config(target, f"litellm-bench-{target.slug}-{tag}-round{round_number}")
                 with running_litellm(binary, f"{target.slug}-round{round_number}", config, tmp_path) as url:
                     target.url = f"{url}/v1/chat/completions"
                     asyncio.run(load_phase(target, bare, asks, round_number))
