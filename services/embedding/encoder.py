@@ -276,6 +276,13 @@ def _export_int8(target: Path, config_name: str) -> None:
     log.info("int8 quantization done in %.1f s", time.perf_counter() - started)
 
 
+def prepare_texts(texts: Sequence[str], *, lowercase: bool) -> list[str]:
+    """What the Transformer module does to a text before tokenizing: strip (and lowercase when the
+    model says so); token counts and the direct path must see the same strings."""
+    prepared = [text.strip() for text in texts]
+    return [text.lower() for text in prepared] if lowercase else prepared
+
+
 class MeanPooledOnnx:
     """sentence-transformers' Transformer, mean Pooling and Normalize modules run straight on the
     ONNX Runtime session: the same vectors to float rounding, without the library's per-call
@@ -318,9 +325,7 @@ class MeanPooledOnnx:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """L2-normalized float32 vectors, in order."""
-        prepared = [text.strip() for text in texts]
-        if self._lowercase:
-            prepared = [text.lower() for text in prepared]
+        prepared = prepare_texts(texts, lowercase=self._lowercase)
         chunks = []
         for start in range(0, len(prepared), self._batch_size):
             features = self._tokenizer(
@@ -367,9 +372,7 @@ class Encoder:
 
     def token_lengths(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text before truncation, special tokens included, as the model tokenizes."""
-        prepared = [text.strip() for text in texts]
-        if self._lowercase:
-            prepared = [text.lower() for text in prepared]
+        prepared = prepare_texts(texts, lowercase=self._lowercase)
         encoded = self.tokenizer(
             prepared,
             add_special_tokens=True,

@@ -20,7 +20,7 @@ import logging
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from lmcluster.embedding.v1 import embedding_service_pb2 as pb
@@ -98,7 +98,7 @@ class Lanes:
     """Which batcher embeds a request of each priority."""
 
     interactive: Lane
-    background: Lane | None = field(default=None)
+    background: Lane | None = None
 
     @classmethod
     def open(cls, setting: BackgroundLane) -> Lanes:

@@ -88,8 +88,7 @@ class EmbeddingServicer(pb_grpc.EmbeddingServiceServicer):
                 "the embedding model is still loading; retry when health is SERVING",
             )
         batcher = model.lanes.batcher_for(request.priority)
-        if batcher is None:  # stopping
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the embedding service is stopping; retry on another replica")
+        assert batcher is not None  # attached only once the interactive lane is loaded
         texts = list(request.texts)
         problem = find_invalid_texts(texts, self._limits)
         if problem is not None:
