@@ -427,10 +427,21 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
     async def RecordLookups(
         self, request: cache_service_pb2.RecordLookupsRequest, context: grpc.aio.ServicerContext
     ) -> cache_service_pb2.RecordLookupsResponse:
+        unknown = sorted(set(request.rejected_by_reason) - set(_REASON_NAMES.values()))
+        if unknown:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"rejected_by_reason names unknown reasons {unknown[:5]}; known: {sorted(_REASON_NAMES.values())}",
+            )
         self.counters.exact_hits += request.exact_hits
+        self.counters.semantic_hits += request.semantic_hits
         self.counters.misses += request.misses
         LOOKUPS.labels("exact").inc(request.exact_hits)
+        LOOKUPS.labels("semantic").inc(request.semantic_hits)
         LOOKUPS.labels("miss").inc(request.misses)
+        for name, count in request.rejected_by_reason.items():
+            self.counters.rejected[name] += count
+            REJECTED.labels(name).inc(count)
         self._publish_ratio()
         return cache_service_pb2.RecordLookupsResponse()
 

@@ -134,6 +134,17 @@ class Candidate:
 
 
 @dataclass(frozen=True)
+class WordCandidate:
+    """An entry whose prompt shares a match key with a lookup's (the only kind verification can
+    accept), with its stored vector (empty for an entry stored without one)."""
+
+    entry_id: str
+    scope: str
+    prompt: str
+    vector: bytes
+
+
+@dataclass(frozen=True)
 class NewEntry:
     """What Store writes."""
 
@@ -338,6 +349,41 @@ class CacheStore:
         reply = await self._guarded(count, timeout_ms)
         total = reply.get(b"total_results") if isinstance(reply, dict) else None
         return total is None or int(total) > 0
+
+    async def word_candidates(
+        self, scope: str, forms: tuple[str, ...], limit: int, timeout_ms: float
+    ) -> list[WordCandidate] | None:
+        """The entries of this scope that share one of the prompt's match keys, with their prompts
+        and vectors; None when more than `limit` do (a KNN search then picks the nearest).
+        A scope_tag collision is filtered out here: another scope's entry is never a candidate."""
+        query = f"@scope_tag:{{{scope_tag(scope)}}} @forms:{{{' | '.join(forms)}}}"
+
+        async def search() -> Any:
+            return await self.client.execute_command(
+                "FT.SEARCH", self.layout.name, query, "RETURN", "3", "scope", "prompt", "vec",
+                "LIMIT", "0", str(limit + 1), "DIALECT", "2",
+            )  # fmt: skip
+
+        reply = await self._guarded(search, timeout_ms)
+        rows = reply.get(b"results", []) if isinstance(reply, dict) else None
+        if rows is None or len(rows) > limit:
+            return None
+        prefix = len(self.layout.key_prefix)
+        candidates = []
+        for row in rows:
+            fields = row.get(b"extra_attributes", {})
+            if _text(fields.get(b"scope")) != scope:
+                continue
+            vector = fields.get(b"vec") or b""
+            candidates.append(
+                WordCandidate(
+                    entry_id=_text(row.get(b"id"))[prefix:],
+                    scope=scope,
+                    prompt=_text(fields.get(b"prompt")),
+                    vector=vector if isinstance(vector, bytes) else b"",
+                )
+            )
+        return candidates
 
     async def nearest(self, scope: str, vector: bytes, k: int, timeout_ms: float) -> list[Candidate]:
         """The k nearest entries of this scope by cosine similarity, most similar first."""

@@ -130,7 +130,7 @@ def followed_nodes(settings: StackSettings) -> dict[str, str]:
 def gateway_env(settings: StackSettings, nodes: dict[str, str]) -> dict[str, str]:
     return {
         "REDIS_URL": settings.redis_url,
-        # The Routers read exact entries from the Cache's Redis themselves (services/router/exact_reader.py).
+        # The Routers read exact entries and same-word candidates from the Cache's Redis themselves (services/router/index_reader.py).
         "LMC_ROUTER_REDIS_URL": settings.redis_url,
         "LMC_EMBEDDING_PORT": str(settings.embedding_port),
         "LMC_CACHE_PORT": str(settings.cache_port),

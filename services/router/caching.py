@@ -2,12 +2,14 @@
 
 The exact lookup comes first (its key is the canonical prompt: case, spacing, politeness and the
 like do not matter), read from Redis by the Router itself where it may (services/router/
-exact_reader.py), else through the Cache service. Only when it misses is the final user message
-embedded for the semantic lookup (repeats are mostly near-verbatim, and an embedding per exact hit
-was the largest CPU cost of the hit path), and only if some entry of the scope has the prompt's
-words (else no candidate could pass verification): the vector the store needs is then computed
-after the answer. The two lookups count as one: the first says that a semantic lookup follows a
-miss, so the Cache counts only its hits. The whole lookup has a small budget
+index_reader.py), else through the Cache service. On its miss, the same read returns the entries
+of the scope with the prompt's words, the only ones verification could accept. None (nearly every
+miss): no semantic lookup, and the vector the store needs is computed after the answer. A few: the
+Router verifies them itself (services/router/candidates.py); only if one is accepted is the final
+user message embedded, to compare it with that entry's vector. So a refused reordering costs no
+embedding on the path, and a semantic hit neither a KNN search nor a Lookup RPC. More than
+`index_reader.LIMIT`, or no direct read: the Cache's KNN lookup decides, as it always has; the
+first lookup then says that a semantic lookup follows a miss, so the Cache counts the request once. The whole lookup has a small budget
 (`cache_timeout_seconds`): a slow or broken cache is a miss, never a failed request; a slow one
 still gets the answer stored, since the vector is finished in the background. Stores run in the
 background after the client has its answer.
@@ -32,11 +34,12 @@ from lmcluster.supervisor.v1 import supervisor_pb2
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.cache.store import CacheUnavailable
+from services.cache.store import CacheUnavailable, WordCandidate, entry_message
 from services.common.cache_scope import CacheScope, cache_scope
 from services.router import observe
 from services.router.codec import GenerationRequest
-from services.router.exact_reader import ExactReader
+from services.router import candidates as judging
+from services.router.index_reader import IndexRead, IndexReader
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +112,11 @@ class AnswerCache:
         enabled: bool,
         timeout: float,
         tenancy: CacheTenancy | None = None,
-        exact: ExactReader | None = None,
+        index: IndexReader | None = None,
     ) -> None:
         self._embedding = embedding
         self._cache = cache
-        self._exact = exact
+        self._index = index
         self._enabled = enabled
         self._timeout = timeout
         self._tenancy = tenancy or CacheTenancy()
@@ -180,7 +183,7 @@ class AnswerCache:
         deadline = asyncio.get_running_loop().time() + self._timeout
         try:
             async with asyncio.timeout_at(deadline):
-                exact = await self._exact_lookup(scope, deadline)
+                read = await self._read_index(scope, deadline)
         except grpc.aio.AioRpcError as error:
             log.warning("cache lookup failed (%s); treating it as a miss", _describe(error))
             self._record_miss_later(scope)
@@ -189,14 +192,17 @@ class AnswerCache:
             log.warning("cache lookup took over %.2f s; treating it as a miss", self._timeout)
             self._record_miss_later(scope)
             return CacheDecision("miss", scope=scope, store=store, pending_embedding=self._embed_later(scope.prompt))
+        exact = read.reply
         if exact.hit:
             return CacheDecision("hit", scope=scope, kind="exact", similarity=1.0, entry=exact.entry)
         if exact.no_candidate:
             # No entry of this scope could pass verification (none has this prompt's words; a new
             # system prompt or document has none at all): no semantic lookup, and the vector the
-            # store needs is computed after the answer, off the first token's path. The Cache has
-            # counted the miss.
+            # store needs is computed after the answer, off the first token's path. The miss is
+            # counted.
             return CacheDecision("miss", scope=scope, store=store)
+        if read.candidates is not None and self._index is not None:
+            return await self._judge(scope, threshold, store, read.candidates, self._index, deadline)
         embedding = self._embed_later(scope.prompt)
         if on_exact_miss is not None:
             on_exact_miss(scope)
@@ -226,19 +232,67 @@ class AnswerCache:
             return CacheDecision("hit", scope=scope, kind=kind, similarity=semantic.similarity, entry=semantic.entry)
         return CacheDecision("miss", scope=scope, embedding=vector, store=store)
 
-    async def _exact_lookup(self, scope: CacheScope, deadline: float) -> cache_service_pb2.LookupResponse:
+    async def _read_index(self, scope: CacheScope, deadline: float) -> IndexRead:
         """Straight from Redis where the Router may read it, else (or when Redis cannot be read) the
-        Cache service's Lookup; either way it says `semantic_follows`."""
-        if self._exact is not None:
+        Cache service's exact Lookup, which says `semantic_follows` and returns no candidates."""
+        if self._index is not None:
             try:
-                return await self._exact.lookup(scope, deadline - asyncio.get_running_loop().time())
+                return await self._index.lookup(scope, deadline - asyncio.get_running_loop().time())
             except CacheUnavailable as error:
-                log.debug("reading the exact entry failed (%s); asking the Cache", error)
-        return await self._cache.Lookup(
+                log.debug("reading the index failed (%s); asking the Cache", error)
+        reply = await self._cache.Lookup(
             cache_service_pb2.LookupRequest(
                 scope=scope.scope, exact_key=scope.exact_key, prompt=scope.prompt, semantic_follows=True
             )
         )
+        return IndexRead(reply)
+
+    async def _judge(
+        self,
+        scope: CacheScope,
+        threshold: float | None,
+        store: bool,
+        found: list[WordCandidate],
+        index: IndexReader,
+        deadline: float,
+    ) -> CacheDecision:
+        """Verification first; only an accepted candidate waits for the prompt's vector, which must
+        then be at least `threshold` similar to that candidate's. Counted here, as one lookup."""
+        judged = judging.judge(scope.prompt, found)
+        rejected = judged.rejected_by_reason()
+        observe.record_cache_reply(cache_service_pb2.LookupResponse(rejected=judged.rejected))
+        if not judged.accepted:
+            index.count(misses=1, rejected=rejected)
+            return CacheDecision("miss", scope=scope, store=store)
+        settings = index.settings
+        limit = settings.threshold if threshold is None else max(threshold, settings.min_threshold)
+        embedding = self._embed_later(scope.prompt)
+        # The accepted entries are read while the prompt is embedded (nearly always just one).
+        remaining = deadline - asyncio.get_running_loop().time()
+        entries = asyncio.ensure_future(
+            asyncio.gather(*(index.entry(candidate, remaining) for candidate in judged.accepted), return_exceptions=True)
+        )
+        try:
+            async with asyncio.timeout_at(deadline):
+                vector = await asyncio.shield(embedding)
+                best = judging.closest(vector, judged.accepted, limit) if vector else None
+                read = await entries if best is not None else []
+        except TimeoutError:
+            log.warning("cache lookup took over %.2f s; treating it as a miss", self._timeout)
+            index.count(misses=1, rejected=rejected)
+            return CacheDecision("miss", scope=scope, store=store, pending_embedding=embedding)
+        finally:
+            entries.cancel()
+        entry = None
+        if best is not None:
+            stored = read[judged.accepted.index(best[0])]
+            entry = stored if not isinstance(stored, BaseException) else None
+        if best is None or entry is None:
+            index.count(misses=1, rejected=rejected)
+            # No vector (the Embedding service failed): nothing to store either.
+            return CacheDecision("miss", scope=scope, embedding=vector, store=store and bool(vector))
+        index.count(semantic_hits=1, rejected=rejected)
+        return CacheDecision("hit", scope=scope, kind="semantic", similarity=best[1], entry=entry_message(entry))
 
     def _record_miss_later(self, scope: CacheScope) -> None:
         """Tells the Cache that a request whose first lookup said `semantic_follows` was a miss."""
@@ -317,8 +371,8 @@ class AnswerCache:
         """Waits for the stores still running (at shutdown), then reports the last counts."""
         if self._background:
             await asyncio.wait(self._background, timeout=5.0)
-        if self._exact is not None:
-            await self._exact.close()
+        if self._index is not None:
+            await self._index.close()
 
 
 def _has_vector(task: asyncio.Task[list[float]]) -> bool:

@@ -83,6 +83,10 @@ def validate(request: GenerationRequest) -> None:
             low, high = _RANGES.get(field.name, (-math.inf, math.inf))
             if not math.isfinite(value) or not low <= value <= high:
                 raise InvalidRequest(f"`{field.name}` must be {_limits(low, high)}, got {value}", param=field.name)
+    if request.HasField("cache") and request.cache.HasField("threshold"):
+        threshold = request.cache.threshold
+        if not math.isfinite(threshold) or not 0.0 <= threshold <= 1.0:
+            raise InvalidRequest(f"`cache.threshold` must be between 0.0 and 1.0, got {threshold}", param="cache.threshold")
     if request.HasField("n") and request.n != 1:
         raise InvalidRequest("`n` other than 1 is not supported; send separate requests", param="n")
     for field in _COUNTS:

@@ -17,7 +17,7 @@ from services.cache.settings import CacheSettings
 from services.common.server import ServiceHost, run_service
 from services.router.caching import AnswerCache
 from services.router.catalog import ModelCatalog
-from services.router.exact_reader import ExactReader
+from services.router.index_reader import IndexReader
 from services.router.follow import cancel_and_wait
 from services.router.llama_client import LlamaClient
 from services.router.nodes import NodeSet
@@ -73,9 +73,9 @@ async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntim
     )
     nodes = NodeSet(settings, catalog, table)
     cache_stub = cache_service_pb2_grpc.CacheServiceStub(cache_channel)
-    exact = ExactReader(CacheSettings(redis_url=settings.redis_url), cache_stub) if settings.redis_url else None
+    index = IndexReader(CacheSettings(redis_url=settings.redis_url), cache_stub) if settings.redis_url else None
     cache = AnswerCache(
-        embedding, cache_stub, enabled=settings.cache_enabled, timeout=settings.cache_timeout_seconds, exact=exact
+        embedding, cache_stub, enabled=settings.cache_enabled, timeout=settings.cache_timeout_seconds, index=index
     )
     llama = LlamaClient(
         connect_timeout=settings.connect_timeout_seconds,

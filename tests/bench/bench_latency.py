@@ -51,7 +51,7 @@ from lmcluster.router.v1 import router_service_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.cache.verification import verify
-from services.router.exact_reader import REPORT_INTERVAL_SECONDS
+from services.router.index_reader import REPORT_INTERVAL_SECONDS
 from tests.bench.bench_stack import (
     DIRECT_LIMITS,
     MODEL,

@@ -252,3 +252,25 @@ def test_through_the_api_near_duplicates_miss_and_near_verbatim_repeats_hit(stac
             elif hit and not pair.should_hit:
                 wrong.append((kind, pair.a[-60:], pair.b[-60:]))
     assert not wrong
+
+
+def test_through_the_api_a_requests_threshold_decides_its_semantic_hit(stack: Stack) -> None:
+    """The Router compares a verified candidate's vector itself: a request's own threshold above the
+    pair's similarity is a miss, the default threshold a hit that reports the similarity."""
+    system = system_prompt()
+    stored = chat_body("How do I freeze the top row in Excel?", system=system, max_tokens=4)
+    fronted = "In Excel, how do I freeze the top row?"
+    with client(stack) as http:
+        post_until_hit(http, "/v1/chat/completions", stored)
+        strict = http.post("/v1/chat/completions", json=chat_body(fronted, system=system, max_tokens=4,
+                                                                   cache={"threshold": 1.0, "skip_store": True}))  # fmt: skip
+        default = http.post("/v1/chat/completions", json=chat_body(fronted, system=system, max_tokens=4,
+                                                                    cache={"skip_store": True}))  # fmt: skip
+    assert strict.status_code == 200 and strict.headers["x-lmc-cache"] == "miss", strict.headers
+    assert default.status_code == 200 and default.headers["x-lmc-cache-kind"] == "semantic", default.headers
+    similarity = float(default.headers["x-lmc-similarity"])
+    assert 0.95 <= similarity < 1.0
+    with client(stack) as http:
+        just_below = http.post("/v1/chat/completions", json=chat_body(fronted, system=system, max_tokens=4,
+                                                                       cache={"threshold": similarity - 1e-4, "skip_store": True}))  # fmt: skip
+    assert just_below.headers["x-lmc-cache-kind"] == "semantic", just_below.headers

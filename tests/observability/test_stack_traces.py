@@ -7,11 +7,11 @@ the trace must then hold, with the right parents:
     client span (the test's)
     └─ Envoy ingress (SERVER) ─ Envoy → Router (CLIENT)
        └─ Router RouterService/CreateChatCompletion (SERVER)
-          ├─ cache lookup ─┬─ Router → Redis HMGET, FT.SEARCH (CLIENT)  (the exact entry, read by the Router)
-          │                ├─ Router → Embedding Embed (CLIENT) ─ Embedding Embed (SERVER)
-          │                └─ Router → Cache Lookup (CLIENT) ─ Cache Lookup (SERVER) ─ cache.lookup ─ Redis
+          ├─ cache lookup ─ Router → Redis HMGET, FT.SEARCH (CLIENT)  (the exact entry and the
+          │                 entries with the question's words, read and verified by the Router)
           ├─ backend choice
           ├─ chat MODEL (GenAI attributes) ─ POST to llama-server (httpx CLIENT)
+          ├─ Router → Embedding Embed (CLIENT) ─ Embedding Embed (SERVER)       (the store's vector)
           └─ Router → Cache Store (CLIENT) ─ Cache Store (SERVER) ─ Redis        (a miss only)
 
 On the same request again (a hit) the trace ends at the Router's Redis read: no Cache call, no
@@ -90,8 +90,8 @@ def test_a_miss_then_a_hit_are_each_one_trace_through_every_service(
     traced_stack: Stack, stack_receiver: OtlpReceiver, unique: str
 ) -> None:
     question = f"Is blue darker than red, {unique}?"
-    # First an answer with the same words in another order: a miss that no cached answer could match
-    # skips the semantic lookup. This one runs it (and verification refuses the exchanged roles).
+    # First an answer with the same words in another order: the Router finds it among the entries
+    # with the question's words and verification refuses it (the roles are exchanged).
     seed = f"Is red darker than blue, {unique}?"
     for _ in range(100):
         if _ask(traced_stack, new_trace_id(), new_span_id(), seed).headers["x-lmc-cache"] == "hit":
@@ -125,18 +125,18 @@ def test_a_miss_then_a_hit_are_each_one_trace_through_every_service(
     assert lookup.attributes["lmc.cache.status"] == "miss"
     assert len(lookup.attributes["lmc.cache.scope_hash"]) == 64
 
+    # The Router read the exact entry (HMGET), then the entries with the question's words (FT.SEARCH),
+    # and verified the one it found itself: refused, with no embedding and no Cache call on the path.
+    reads = sorted((s for s in trace if s.kind == "CLIENT" and s.parent_span_id == lookup.span_id), key=lambda s: s.start_ns)
+    assert [s.name for s in reads] == ["HMGET", "redis.search"], tree
+    assert lookup.attributes["lmc.cache.rejected_candidates"] == 1
+    assert lookup.attributes["lmc.cache.rejection_reasons"] == ["ORDER"]
+    assert not [s for s in trace if s.name == LOOKUP], tree
+
+    # The vector the store needs is computed after the answer, beneath the request, not its lookup.
     embed_client = _one(trace, "Router's Embed call", _named("lmcluster-router", "CLIENT", EMBED))
     embed_server = _one(trace, "Embedding's Embed span", _named("lmcluster-embedding", "SERVER", EMBED))
-    assert embed_client.parent_span_id == lookup.span_id and embed_server.parent_span_id == embed_client.span_id, tree
-
-    lookup_clients = [s for s in trace if s.service == "lmcluster-router" and s.kind == "CLIENT" and s.name == LOOKUP]
-    assert lookup_clients and all(s.parent_span_id == lookup.span_id for s in lookup_clients), tree
-    lookup_servers = [s for s in trace if s.service == "lmcluster-cache" and s.kind == "SERVER" and s.name == LOOKUP]
-    assert {s.parent_span_id for s in lookup_servers} == {s.span_id for s in lookup_clients}, tree
-    for server in lookup_servers:
-        cache_lookup = _one(trace, "cache.lookup span", lambda s, server=server: s.parent_span_id == server.span_id)
-        assert cache_lookup.name == "cache.lookup" and cache_lookup.attributes["lmc.cache.hit"] is False
-        assert any(s.kind == "CLIENT" and s.parent_span_id == cache_lookup.span_id for s in trace), tree  # Redis
+    assert embed_client.parent_span_id == router.span_id and embed_server.parent_span_id == embed_client.span_id, tree
 
     choice = _one(trace, "backend choice span", _named("lmcluster-router", "INTERNAL", "backend choice"))
     assert router in ancestors(choice, trace), tree

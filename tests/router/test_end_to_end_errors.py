@@ -56,8 +56,11 @@ def test_wrong_types_are_400(stack: Stack, body: dict) -> None:
         ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "temperature": 7}, "temperature"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "cache": {"threshold": 1.5}}, "cache.threshold"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "cache": {"threshold": -0.1}}, "cache.threshold"),
     ],
-    ids=["missing-messages", "empty-messages", "bad-role", "no-content", "no-model", "temperature-range", "n"],
+    ids=["missing-messages", "empty-messages", "bad-role", "no-content", "no-model", "temperature-range", "n",
+         "cache-threshold-above-one", "cache-threshold-negative"],  # fmt: skip
 )
 def test_invalid_fields_are_400_naming_the_field(stack: Stack, body: dict, param: str) -> None:
     with client(stack) as http:

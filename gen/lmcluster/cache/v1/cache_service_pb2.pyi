@@ -101,12 +101,23 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RecordLookupsRequest(_message.Message):
-    __slots__ = ("exact_hits", "misses")
+    __slots__ = ("exact_hits", "misses", "semantic_hits", "rejected_by_reason")
+    class RejectedByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     EXACT_HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
+    SEMANTIC_HITS_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_BY_REASON_FIELD_NUMBER: _ClassVar[int]
     exact_hits: int
     misses: int
-    def __init__(self, exact_hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
+    semantic_hits: int
+    rejected_by_reason: _containers.ScalarMap[str, int]
+    def __init__(self, exact_hits: _Optional[int] = ..., misses: _Optional[int] = ..., semantic_hits: _Optional[int] = ..., rejected_by_reason: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RecordLookupsResponse(_message.Message):
     __slots__ = ()

@@ -99,7 +99,8 @@ class CacheServiceServicer:
 
     def RecordLookups(self, request, context):
         """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
-        entries straight from Redis), so that GetStats and the metrics count every request.
+        entries and same-word candidates straight from Redis), so that GetStats and the metrics count
+        every request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -47,7 +47,8 @@ class CacheServiceStub:
     """GetStats returns counters and index size."""
     RecordLookups: _grpc.UnaryUnaryMultiCallable[_cache_service_pb2.RecordLookupsRequest, _cache_service_pb2.RecordLookupsResponse]
     """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
-    entries straight from Redis), so that GetStats and the metrics count every request.
+    entries and same-word candidates straight from Redis), so that GetStats and the metrics count
+    every request.
     """
 
 @_typing.type_check_only
@@ -69,7 +70,8 @@ class CacheServiceAsyncStub(CacheServiceStub):
     """GetStats returns counters and index size."""
     RecordLookups: _aio.UnaryUnaryMultiCallable[_cache_service_pb2.RecordLookupsRequest, _cache_service_pb2.RecordLookupsResponse]  # type: ignore[assignment]
     """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
-    entries straight from Redis), so that GetStats and the metrics count every request.
+    entries and same-word candidates straight from Redis), so that GetStats and the metrics count
+    every request.
     """
 
 class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -118,7 +120,8 @@ class CacheServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_cache_service_pb2.RecordLookupsResponse, _abc.Awaitable[_cache_service_pb2.RecordLookupsResponse]]:
         """RecordLookups counts lookups a caller answered from the index itself (a Router reads exact
-        entries straight from Redis), so that GetStats and the metrics count every request.
+        entries and same-word candidates straight from Redis), so that GetStats and the metrics count
+        every request.
         """
 
 def add_CacheServiceServicer_to_server(servicer: CacheServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
