@@ -276,7 +276,7 @@ class AnswerCache:
             async with asyncio.timeout_at(deadline):
                 vector = await asyncio.shield(embedding)
                 best = judging.closest(vector, judged.accepted, limit) if vector else None
-                read = await entries if best is not None else []
+                fetched = await entries if best is not None else []
         except TimeoutError:
             log.warning("cache lookup took over %.2f s; treating it as a miss", self._timeout)
             index.count(misses=1, rejected=rejected)
@@ -285,7 +285,7 @@ class AnswerCache:
             entries.cancel()
         entry = None
         if best is not None:
-            stored = read[judged.accepted.index(best[0])]
+            stored = fetched[judged.accepted.index(best[0])]
             entry = stored if not isinstance(stored, BaseException) else None
         if best is None or entry is None:
             index.count(misses=1, rejected=rejected)

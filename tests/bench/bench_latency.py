@@ -12,9 +12,9 @@ One `lmcluster up` with the product's defaults (tests/bench/bench_stack.py `PROD
    alternating order. The two carry tags of equal token counts (llama-server's /tokenize), so each
    has as many prompt tokens to evaluate, and an unmeasured request first puts the document into a
    slot for both. Nothing is stored (`skip_store`). Three times: nothing cached in the documents'
-   scopes; other questions' answers cached (the Cache finds no candidate); an answer with the same
-   words in another order cached before each pair (the semantic lookup runs, verification refuses
-   it). TTFT = first event with text.
+   scopes; other questions' answers cached (no entry has the question's words); an answer with the
+   same words in another order cached before each pair (a candidate the Router reads and
+   verification refuses). TTFT = first event with text.
 2. **Exact hits, idle**: one answer stored, then sequential identical requests: REST unary and
    streamed through Envoy, native gRPC through Envoy and straight to the Router (what Envoy costs).
 3. **Hits beside misses**: 16 clients, 160 streamed requests, 40% first askings and 60% repeats
@@ -138,7 +138,7 @@ async def equal_tags(http: httpx.AsyncClient, endpoint: str, question: str) -> t
 
 def moved_words(question: str) -> str:
     """The tagged question with its tag moved to the end: the same words in another order, which
-    verification refuses (so the semantic lookup runs, finds it, and misses)."""
+    verification refuses (so the lookup finds a candidate, and misses)."""
     tag, _, rest = question.partition(" ")
     return f"{rest} {tag}"
 
@@ -146,7 +146,7 @@ def moved_words(question: str) -> str:
 async def miss_pairs(stack_url: str, endpoint: str, wording: int, *, candidate: bool) -> tuple[Run, Run, list[float]]:
     """Pairs of the same question with tags of equal token counts, one through the stack and one
     straight to llama-server, the order flipped every pair. With `candidate`, an answer with the
-    through-question's words in another order is stored first, so that its semantic lookup runs."""
+    through-question's words in another order is stored first, so that its lookup finds a candidate."""
     pool = sorted(questions(), key=lambda q: (q.document.name, q.key))
     assert len(pool) >= MISS_PAIRS + 2, len(pool)
     stack, bare, differences = Run(), Run(), []
@@ -296,8 +296,8 @@ def report(stack: Stack) -> None:
     stack_url = f"{stack.base_url}/chat/completions"
 
     # 1. Miss overhead: in scopes with nothing cached (a new document), in scopes that hold other
-    # questions' answers (the Cache finds no candidate), and beside a stored answer with the same
-    # words in another order (the semantic lookup runs and refuses it).
+    # questions' answers (no candidate), and beside a stored answer with the same words in another
+    # order (a candidate that verification refuses).
     print(f"\n| idle, {MISS_PAIRS} misses each, alternating | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---|---|")
     phases = (

@@ -125,14 +125,17 @@ def test_an_answer_is_stored_with_a_vector_from_the_background_lane_under_sched_
     assert embedding_batches(stack, "interactive") == lookups
 
 
-def test_exact_hits_are_served_while_the_cache_service_hangs(stack: Stack) -> None:
+def test_exact_and_semantic_hits_are_served_while_the_cache_service_hangs(stack: Stack) -> None:
     system = system_prompt()
-    body = chat_body("Name the highest mountain in Europe.", system=system)
+    body = chat_body("How long do updates last with the Solo licence?", system=system)
+    fronted = chat_body("With the Solo licence, how long do updates last?", system=system, cache={"skip_store": True})
     with client(stack) as http:
         first = post_until_hit(http, "/v1/chat/completions", body)
         with paused(part_pid(stack, "cache")):
-            again = [http.post("/v1/chat/completions", json=body) for _ in range(3)]
-    assert [(r.status_code, r.headers["x-lmc-cache"]) for r in again] == [(200, "hit")] * 3
+            again = [http.post("/v1/chat/completions", json=payload) for payload in (body, fronted, body, fronted)]
+    assert [(r.status_code, r.headers.get("x-lmc-cache-kind")) for r in again] == [
+        (200, "exact"), (200, "semantic"), (200, "exact"), (200, "semantic")
+    ]  # fmt: skip
     assert {r.json()["choices"][0]["message"]["content"] for r in again} == {first.json()["choices"][0]["message"]["content"]}
 
 
