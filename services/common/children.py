@@ -11,6 +11,8 @@ the child.
 from __future__ import annotations
 
 import logging
+import os
+import resource
 import shutil
 from collections.abc import Sequence
 from typing import Any
@@ -34,15 +36,48 @@ def dies_with_parent(argv: Sequence[str]) -> list[str]:
     return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv]
 
 
+# CAP_SYS_NICE's bit in /proc/self/status's CapEff (linux/capability.h).
+_CAP_SYS_NICE = 23
+
+
+def permitted_niceness(niceness: int) -> int:
+    """`niceness`, or the lowest this process may give its children when it asks for more: going
+    below its own niceness needs CAP_SYS_NICE (root, `setcap cap_sys_nice`, a container's `cap_add`)
+    or an RLIMIT_NICE that allows it (systemd's LimitNICE=, limits.conf's `nice`)."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if niceness >= current or _has_cap_sys_nice():
+        return niceness
+    soft, _ = resource.getrlimit(resource.RLIMIT_NICE)
+    floor = -20 if soft == resource.RLIM_INFINITY else 20 - soft
+    return max(niceness, min(floor, current))
+
+
+def _has_cap_sys_nice() -> bool:
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("CapEff:"):
+                    return bool(int(line.split()[1], 16) >> _CAP_SYS_NICE & 1)
+    except (OSError, ValueError):
+        pass
+    return os.geteuid() == 0
+
+
 def niced(argv: Sequence[str], niceness: int) -> list[str]:
-    """`argv` run at `niceness` (coreutils' `nice`, which execs it: same pid, and every thread it
-    starts inherits the weight). Raising one's own niceness needs no privilege."""
-    if niceness <= 0:
+    """`argv` run at the absolute `niceness` (coreutils' `nice -n`, which execs it: same pid, and
+    every thread it starts inherits the weight), clipped to `permitted_niceness` (and then logged)."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if (permitted := permitted_niceness(niceness)) != niceness:
+        log.warning(
+            "%s runs at niceness %d, not %d: a higher priority needs CAP_SYS_NICE or RLIMIT_NICE (docs/supervisor.md)",
+            argv[0] if argv else "?", permitted, niceness,
+        )
+    if permitted == current:
         return list(argv)
     if _NICE is None:
-        log.warning("nice (coreutils) not found: %s runs at normal priority", argv[0] if argv else "?")
+        log.warning("nice (coreutils) not found: %s runs at this process's priority", argv[0] if argv else "?")
         return list(argv)
-    return [_NICE, "-n", str(niceness), "--", *argv]
+    return [_NICE, "-n", str(permitted - current), "--", *argv]
 
 
 def idle_scheduled(argv: Sequence[str]) -> list[str]:

@@ -13,12 +13,14 @@ every part of a role gets the same variables, a Router its own ports on top.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import socket
 import sys
 from urllib.parse import urlparse
 
 from services.common import binaries
+from services.common.children import niced, permitted_niceness
 from services.common.telemetry import TelemetrySettings
 from services.launcher import probes
 from services.launcher.envoy_config import render_envoy_config
@@ -37,11 +39,33 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if settings.role is Role.NODE:
         return node_parts(settings, {**node_env(settings), **node_binding(settings)})
+    niceness = request_path_niceness(settings)
     if settings.role is Role.GATEWAY:
         env = gateway_env(settings, followed_nodes(settings))
-        return [*redis_parts(settings), *gateway_parts(settings, env)]
+        return at_niceness([*redis_parts(settings), *gateway_parts(settings, env)], niceness)
     env = {**node_env(settings), **gateway_env(settings, local_node(settings))}
-    return [*redis_parts(settings), *node_parts(settings, env), *gateway_parts(settings, env)]
+    return [
+        *at_niceness(redis_parts(settings), niceness),
+        *node_parts(settings, env),
+        *at_niceness(gateway_parts(settings, env), niceness),
+    ]
+
+
+def request_path_niceness(settings: StackSettings) -> int:
+    """The niceness of the request path's parts: a request's few milliseconds of CPU come before any
+    other process of the host at normal priority (llama-server, under SCHED_IDLE, comes after both)."""
+    niceness = permitted_niceness(settings.gateway_niceness)
+    if niceness != settings.gateway_niceness:
+        log.warning(
+            "the request path runs at niceness %d, not %d (LMC_GATEWAY_NICENESS): a higher priority needs "
+            "CAP_SYS_NICE or RLIMIT_NICE (docs/supervisor.md)",
+            niceness, settings.gateway_niceness,
+        )
+    return niceness
+
+
+def at_niceness(parts: list[ProcessSpec], niceness: int) -> list[ProcessSpec]:
+    return [dataclasses.replace(part, argv=niced(part.argv, niceness)) for part in parts]
 
 
 def service_spec(name: str, address: str, env: dict[str, str]) -> ProcessSpec:

@@ -85,6 +85,17 @@ class StackSettings(BaseSettings):
     launcher_metrics_port: int = Field(
         9150, ge=0, le=65535, description="The launcher's /metrics (restarts per part) on loopback; 0: none."
     )
+    gateway_niceness: int = Field(
+        -5,
+        ge=-20,
+        le=19,
+        description=(
+            "Niceness of the request path's processes (Redis, Embedding, Cache, Routers, Envoy): below 0 they "
+            "run before any other process of the host at normal priority (a client, a batch job), as llama-server "
+            "under SCHED_IDLE already runs after them. Needs CAP_SYS_NICE or RLIMIT_NICE below 0; without "
+            "either they run at the launcher's own, and the launcher says so (docs/supervisor.md)."
+        ),
+    )
     restart_backoff_initial_seconds: float = Field(0.5, ge=0, description="Delay before a part's first restart.")
     restart_backoff_max_seconds: float = Field(30.0, ge=0, description="Largest delay between restarts.")
     crash_loop_limit: int = Field(

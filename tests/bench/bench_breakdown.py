@@ -1,7 +1,7 @@
 """Where a request's milliseconds go, from its traces: each span's share of a hit and of a miss.
 
 Run: `.venv/bin/python -m pytest tests/bench/bench_breakdown.py -s -o python_files='bench_*.py'`
-(part of `make bench`; about three minutes on 2 cores). It prints the table of docs/benchmarks.md
+(part of `make bench`; about a minute and a half on 2 cores). It prints the table of docs/benchmarks.md
 ("Where the milliseconds go") and asserts only that each request got the answer kind it was sent
 for and that its trace arrived, never time.
 
@@ -12,8 +12,9 @@ three kinds, one kind per phase: exact hits, semantic hits (a stored question's 
 closing phrase in front, each request with a question of its own) and misses with a candidate (an
 answer with the same words, the roles exchanged, is stored: verification refuses it). Then the
 semantic hits again, one every 50 ms, beside bench_latency's load (16 clients, first askings and
-repeats, misses generating) from a process of its own. For every span name, the median and p90 of
-its duration over the phase's traces; the root is Envoy's ingress span. Tracing itself costs a
+repeats, misses generating) from a process of its own, each asked `LOADED_ROUNDS` times. For every
+span name, the median and p90 of its duration over the phase's traces; the root is Envoy's ingress
+span. Then the slowest semantic hits beside the load, span by span: where a request of the tail waited. Tracing itself costs a
 little on every span (docs/benchmarks.md, "Tracing"): the shares are what count.
 """
 
@@ -40,6 +41,9 @@ from tests.observability.conftest import new_span_id, new_trace_id, traceparent
 from tests.observability.otlp_receiver import OtlpReceiver, ReceivedSpan, running_otlp_receiver
 
 REQUESTS = int(os.environ.get("BENCH_BREAKDOWN_REQUESTS", "60"))
+# Beside the load, each semantic hit is asked this many times (the tail needs more than 60).
+LOADED_ROUNDS = int(os.environ.get("BENCH_BREAKDOWN_LOADED_ROUNDS", "3"))
+SLOWEST = 6
 NO_STORE = {"skip_store": True}
 SUBJECTS = (
     "the Solo licence", "the Team plan", "the backup service", "the mobile app", "the API quota",
@@ -141,6 +145,18 @@ def table(name: str, traces: list[list[ReceivedSpan]]) -> None:
         )
 
 
+def slowest(traces: list[list[ReceivedSpan]], count: int) -> None:
+    """The `count` slowest traces span by span (start after Envoy's ingress span starts, duration):
+    where a request of the tail waited."""
+    by_length = sorted(traces, key=lambda trace: max(s.start_ns + s.duration_s * 1e9 for s in trace) - min(s.start_ns for s in trace))
+    for rank, trace in enumerate(reversed(by_length[-count:]), 1):
+        start = min(span.start_ns for span in trace)
+        end = max(span.start_ns + span.duration_s * 1e9 for span in trace)
+        print(f"\nslowest beside the load #{rank}: {(end - start) / 1e6:.1f} ms")
+        for span in sorted(trace, key=lambda s: s.start_ns):
+            print(f"  {(span.start_ns - start) / 1e6:7.2f} +{span.duration_s * 1000:6.2f}  {span.service}: {span.kind} {span.name}")
+
+
 @pytest.mark.timeout(900)
 def test_breakdown(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, demo_model: Path) -> None:
     models = tmp_path_factory.mktemp("breakdown-models")
@@ -173,7 +189,8 @@ def test_breakdown(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, d
                 try:
                     time.sleep(5)  # the load's first misses are generating
                     loaded = traced(
-                        receiver, http, url, [chat(r, cache=NO_STORE) for _, r in pairs], "semantic", gap=0.05, strict=False
+                        receiver, http, url, [chat(r, cache=NO_STORE) for _, r in pairs] * LOADED_ROUNDS, "semantic",
+                        gap=0.05, strict=False,
                     )
                     assert load.poll() is None, "the load ended before the measured requests did"
                 finally:
@@ -182,6 +199,7 @@ def test_breakdown(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, d
                 phases[f"semantic hits beside the load ({LOAD_CLIENTS} clients, misses generating)"] = loaded
             for name, traces in phases.items():
                 table(name, traces)
+            slowest(loaded, SLOWEST)
 
 
 def run_load(url: str) -> None:

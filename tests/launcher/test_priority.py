@@ -1,0 +1,94 @@
+"""`lmcluster up` runs the request path before everything else on the host: Redis, Embedding, Cache,
+the Routers and Envoy at LMC_GATEWAY_NICENESS (-5), the node's parts at the launcher's own niceness,
+llama-server under SCHED_IDLE; without the privilege a higher priority needs, the stack still
+starts and serves, at the launcher's niceness, and says so."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.common import children
+from tests.chaos.faults import part_pid
+from tests.fixtures.parts import free_port
+from tests.fixtures.stack import DEMO_MODEL_ID, Stack, running_stack
+from tests.fixtures.threads import threads_niceness, threads_policy
+
+REQUEST_PATH = ("redis", "embedding", "cache", "router", "envoy")
+NODE = ("registry", "supervisor")
+# setpriv with CAP_SYS_NICE taken away from what the launcher (root in CI) can ever hold again.
+WITHOUT_SYS_NICE = (str(shutil.which("setpriv")), "--inh-caps=-sys_nice", "--bounding-set=-sys_nice", "--")
+
+
+def serves_concurrent_requests(stack: Stack) -> None:
+    """Eight different questions at once through Envoy's REST port, each answered."""
+    tag = secrets.token_hex(4)
+
+    def ask(index: int) -> httpx.Response:
+        body = {
+            "model": DEMO_MODEL_ID,
+            "messages": [{"role": "user", "content": f"Count to {index + 2}. ({tag})"}],
+            "max_tokens": 6,
+            "temperature": 0,
+        }
+        return httpx.post(f"{stack.http_url}/v1/chat/completions", json=body, timeout=120.0)
+
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(ask, range(8)))
+    for reply in replies:
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"], reply.text
+
+
+def niceness_of(stack: Stack, parts: tuple[str, ...]) -> dict[str, set[int]]:
+    return {part: threads_niceness(part_pid(stack, part)) for part in parts}
+
+
+def test_the_request_path_runs_before_the_rest_of_the_host(tmp_path: Path, demo_models_dir: Path) -> None:
+    if children.permitted_niceness(-5) != -5:
+        pytest.fail("the test needs CAP_SYS_NICE (CI runs as root)")
+    redis_url = f"redis://127.0.0.1:{free_port()}"  # a Redis of the stack's own, which it starts
+    with running_stack(tmp_path / "stack", redis_url=redis_url, models_dir=demo_models_dir) as stack:
+        serves_concurrent_requests(stack)
+        assert niceness_of(stack, REQUEST_PATH) == dict.fromkeys(REQUEST_PATH, {-5})
+        assert niceness_of(stack, NODE) == dict.fromkeys(NODE, {os.getpriority(os.PRIO_PROCESS, 0)})
+        assert threads_policy(part_pid(stack, "llama-server")) == {os.SCHED_IDLE}
+        assert "the request path runs at niceness" not in stack.log_path.read_text()
+
+
+def test_without_the_privilege_the_stack_runs_at_the_launchers_niceness_and_says_so(
+    tmp_path: Path, demo_models_dir: Path
+) -> None:
+    redis_url = f"redis://127.0.0.1:{free_port()}"
+    with running_stack(
+        tmp_path / "stack", redis_url=redis_url, models_dir=demo_models_dir, wrapper=WITHOUT_SYS_NICE
+    ) as stack:
+        serves_concurrent_requests(stack)
+        launcher = threads_niceness(stack.part.process.pid)
+        assert niceness_of(stack, REQUEST_PATH) == dict.fromkeys(REQUEST_PATH, launcher)
+        assert threads_policy(part_pid(stack, "llama-server")) == {os.SCHED_IDLE}
+        said = stack.log_path.read_text()
+        assert f"the request path runs at niceness {min(launcher)}, not -5 (LMC_GATEWAY_NICENESS)" in said, said[-2000:]
+
+
+def test_a_lower_priority_needs_no_privilege_and_a_higher_one_is_clipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    monkeypatch.setattr(children, "_has_cap_sys_nice", lambda: False)
+    assert children.permitted_niceness(current + 3) == current + 3
+    assert children.niced(["llama-server"], current + 3)[-4:] == ["-n", "3", "--", "llama-server"]
+    assert children.niced(["redis-server"], current) == ["redis-server"]
+    with monkeypatch.context() as limited:
+        limited.setattr(children.resource, "getrlimit", lambda _: (0, 0))  # RLIMIT_NICE 0: no lower niceness
+        assert children.permitted_niceness(current - 5) == current
+        assert children.niced(["envoy"], current - 5) == ["envoy"]
+    with monkeypatch.context() as allowed:
+        allowed.setattr(children.resource, "getrlimit", lambda _: (25, 25))  # down to -5 (20 - 25)
+        assert children.permitted_niceness(-10) == min(-5, current)
+    monkeypatch.setattr(children, "_has_cap_sys_nice", lambda: True)
+    assert children.permitted_niceness(-20) == -20
