@@ -23,9 +23,10 @@ _SETPRIV = shutil.which("setpriv")
 _NICE = shutil.which("nice")
 _CHRT = shutil.which("chrt")
 
-# Keyword arguments for subprocess.Popen and asyncio.create_subprocess_exec: a process group of
-# the child's own, created by the C code between fork and exec.
-OWN_PROCESS_GROUP: dict[str, Any] = {"process_group": 0}
+# Keyword arguments for subprocess.Popen and asyncio.create_subprocess_exec: a session, and so a
+# process group, of the child's own (setsid by the C code between fork and exec). Not
+# `process_group=0`, which uvloop's subprocesses do not take; the child needs no terminal.
+OWN_PROCESS_GROUP: dict[str, Any] = {"start_new_session": True}
 
 
 def dies_with_parent(argv: Sequence[str]) -> list[str]:

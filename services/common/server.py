@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.logging import configure_logging
 from services.common.metrics import MetricsInterceptor, serve_metrics
-from services.common.settings import ServiceSettings
+from services.common.settings import EventLoop, ServiceSettings
 from services.common.telemetry import configure_tracing, server_interceptors, shutdown_tracing
 
 log = logging.getLogger(__name__)
@@ -146,12 +146,23 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def loop_factory(event_loop: EventLoop) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop a service runs on: uvloop's by default, asyncio's on request."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
 def run_service(name: str, settings: ServiceSettings, main: Callable[[ServiceSettings], Any]) -> None:
-    """Process entry shared by every service: logging, tracing, then `asyncio.run(main(settings))`."""
+    """Process entry shared by every service: logging, tracing, then `main(settings)` on the
+    configured event loop."""
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name)
     try:
-        asyncio.run(main(settings))
+        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+            runner.run(main(settings))
     except KeyboardInterrupt:
         pass
     finally:

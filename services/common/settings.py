@@ -15,6 +15,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 LogFormat = Literal["text", "json"]
+# "uvloop": libuv's event loop (the loop's own work per request, a third of a Router's CPU on
+#   asyncio's, costs less); "asyncio": the standard library's.
+EventLoop = Literal["uvloop", "asyncio"]
 
 
 class CommonSettings(BaseSettings):
@@ -25,6 +28,7 @@ class CommonSettings(BaseSettings):
     log_level: str = Field("INFO", description="Python logging level name.")
     log_format: LogFormat = Field("text", description="'text' for people, 'json' for log shippers.")
     shutdown_grace_seconds: float = Field(10.0, ge=0, description="How long in-flight RPCs may drain.")
+    event_loop: EventLoop = Field("uvloop", description="'uvloop' (default) or 'asyncio': the service's event loop.")
 
 
 # Settings every service reads under its own prefix (LMC_ROUTER_LOG_LEVEL) and, below that, under

@@ -15,6 +15,7 @@ within a round, each entry's p50 over the one before it; it asserts only that ev
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import time
@@ -84,7 +85,9 @@ def grpc_ttft(stub: router_service_pb2_grpc.RouterServiceStub) -> float:
 def test_entries(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, demo_model: Path) -> None:
     models = tmp_path_factory.mktemp("entries-models")
     link_demo_model(models, demo_model)
-    with running_stack(tmp_path_factory.mktemp("entries"), redis_url=redis_stack, models_dir=models, env=PRODUCT_DEFAULTS) as stack:
+    # BENCH_ENTRIES_ENV (a JSON object) adds settings, e.g. '{"LMC_EVENT_LOOP": "asyncio"}'.
+    env = {**PRODUCT_DEFAULTS, **json.loads(os.environ.get("BENCH_ENTRIES_ENV", "{}"))}
+    with running_stack(tmp_path_factory.mktemp("entries"), redis_url=redis_stack, models_dir=models, env=env) as stack:
         endpoint = stack.ready_backends(DEMO_MODEL_ID)[0].endpoint
         direct = (endpoint if "://" in endpoint else f"http://{endpoint}") + "/v1/chat/completions"
         rest = f"{stack.base_url}/chat/completions"

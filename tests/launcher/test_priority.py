@@ -1,7 +1,8 @@
 """`lmcluster up` runs the request path before everything else on the host: Redis, Embedding, Cache,
 the Routers and Envoy at LMC_GATEWAY_NICENESS (-5), the node's parts at the launcher's own niceness,
 llama-server under SCHED_IDLE; without the privilege a higher priority needs, the stack still
-starts and serves, at the launcher's niceness, and says so."""
+starts and serves, at the launcher's niceness, and says so. Every service runs on uvloop unless
+LMC_EVENT_LOOP=asyncio."""
 
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def test_the_request_path_runs_before_the_rest_of_the_host(tmp_path: Path, demo_
         assert niceness_of(stack, NODE) == dict.fromkeys(NODE, {os.getpriority(os.PRIO_PROCESS, 0)})
         assert threads_policy(part_pid(stack, "llama-server")) == {os.SCHED_IDLE}
         assert "the request path runs at niceness" not in stack.log_path.read_text()
+        # Every service of the stack runs on uvloop by default (LMC_EVENT_LOOP).
+        for service in ("embedding", "cache", "router", "registry", "supervisor"):
+            assert "uvloop" in Path(f"/proc/{part_pid(stack, service)}/maps").read_text(), service
 
 
 def test_without_the_privilege_the_stack_runs_at_the_launchers_niceness_and_says_so(
@@ -92,3 +96,18 @@ def test_a_lower_priority_needs_no_privilege_and_a_higher_one_is_clipped(monkeyp
         assert children.permitted_niceness(-10) == min(-5, current)
     monkeypatch.setattr(children, "_has_cap_sys_nice", lambda: True)
     assert children.permitted_niceness(-20) == -20
+
+
+def test_the_event_loop_is_uvloops_unless_asyncio_is_asked_for() -> None:
+    import asyncio
+
+    import uvloop
+
+    from services.common.server import loop_factory
+
+    for name, expected in (("uvloop", uvloop.Loop), ("asyncio", asyncio.BaseEventLoop)):
+        loop = loop_factory(name)()
+        try:
+            assert isinstance(loop, expected), (name, type(loop))
+        finally:
+            loop.close()
