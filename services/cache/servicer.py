@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from services.cache.settings import CacheSettings
 from services.cache.store import CacheStore, CacheUnavailable, Candidate, NewEntry, StoredEntry, entry_message
-from services.cache.verification import Reason, match_keys, verify
+from services.cache.verification import Reason, match_keys, reason_name, verify
 from services.common import telemetry
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ WRONG_REPORTED = PromCounter(
 STORES = PromCounter("lmc_cache_stores_total", "Store requests by outcome.", ["outcome"])
 REDIS_UP = Gauge("lmc_cache_redis_available", "1 while the cache's circuit to Redis is closed.")
 
-_REASON_NAMES = {reason: cache_pb2.RejectionReason.Name(int(reason)).removeprefix("REJECTION_REASON_")
-                 for reason in Reason}  # fmt: skip
+_REASON_NAMES = {reason: reason_name(reason) for reason in Reason}
 _ENTRY_ID_CHARS = set("0123456789abcdef")
 # Response types whose completeness the cache checks before storing (others are opaque).
 _COMPLETE_TYPES = {
@@ -197,8 +196,7 @@ def _lookup_attributes(
     }
     if response.rejected:
         attributes["lmc.cache.rejection_reasons"] = [
-            cache_pb2.RejectionReason.Name(candidate.reason).removeprefix("REJECTION_REASON_")
-            for candidate in response.rejected
+            reason_name(candidate.reason) for candidate in response.rejected
         ]
         attributes["lmc.cache.rejected_similarities"] = [
             round(candidate.similarity, 6) for candidate in response.rejected

@@ -30,6 +30,8 @@ from collections import Counter
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
+from lmcluster.cache.v1 import cache_pb2
+
 from services.common.prompt_text import CANON_VERSION, canonical_tokens, fronted_phrase_moved
 
 
@@ -40,6 +42,11 @@ class Reason(enum.IntEnum):
     NEGATION = 2
     ORDER = 3
     UNEXPLAINED = 7
+
+
+def reason_name(reason: int) -> str:
+    """A RejectionReason as counts, metrics and spans name it ("ORDER")."""
+    return cache_pb2.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_")
 
 
 @dataclass(frozen=True)

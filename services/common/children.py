@@ -66,13 +66,10 @@ def _has_cap_sys_nice() -> bool:
 
 def niced(argv: Sequence[str], niceness: int) -> list[str]:
     """`argv` run at the absolute `niceness` (coreutils' `nice -n`, which execs it: same pid, and
-    every thread it starts inherits the weight), clipped to `permitted_niceness` (and then logged)."""
+    every thread it starts inherits the weight), clipped to `permitted_niceness`: a caller that asks
+    for a higher priority checks it first and says what it gets (the launcher's request path)."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
-    if (permitted := permitted_niceness(niceness)) != niceness:
-        log.warning(
-            "%s runs at niceness %d, not %d: a higher priority needs CAP_SYS_NICE or RLIMIT_NICE (docs/supervisor.md)",
-            argv[0] if argv else "?", permitted, niceness,
-        )
+    permitted = permitted_niceness(niceness)
     if permitted == current:
         return list(argv)
     if _NICE is None:

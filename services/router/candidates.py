@@ -18,7 +18,7 @@ import numpy as np
 from lmcluster.cache.v1 import cache_pb2
 
 from services.cache.store import WordCandidate
-from services.cache.verification import Reason, verify
+from services.cache.verification import Reason, reason_name, verify
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,6 @@ class Judged:
     def rejected_by_reason(self) -> Counter[str]:
         """The refusals as the Cache counts them (`GetStats.rejected_by_reason`)."""
         return Counter(reason_name(candidate.reason) for candidate in self.rejected)
-
-
-def reason_name(reason: int) -> str:
-    return cache_pb2.RejectionReason.Name(reason).removeprefix("REJECTION_REASON_")
 
 
 def judge(prompt: str, candidates: Sequence[WordCandidate]) -> Judged:

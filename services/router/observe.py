@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from services.cache.verification import reason_name
 from services.common import telemetry
 from services.router import metrics
 
@@ -76,17 +77,9 @@ def record_cache_reply(reply: cache_service_pb2.LookupResponse) -> None:
     span = trace.get_current_span()
     if not span.is_recording():
         return
-    from lmcluster.cache.v1 import cache_pb2
-
     span.set_attribute("lmc.cache.rejected_candidates", len(reply.rejected))
     if reply.rejected:
-        span.set_attribute(
-            "lmc.cache.rejection_reasons",
-            [
-                cache_pb2.RejectionReason.Name(candidate.reason).removeprefix("REJECTION_REASON_")
-                for candidate in reply.rejected
-            ],
-        )
+        span.set_attribute("lmc.cache.rejection_reasons", [reason_name(candidate.reason) for candidate in reply.rejected])
     if reply.degraded:
         span.set_attribute("lmc.cache.degraded", True)
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import subprocess
 import sys
@@ -34,9 +33,9 @@ import httpx
 import pytest
 
 from tests.bench.bench_latency import LOAD_CLIENTS, fronted, load_payloads
-from tests.bench.bench_stack import PRODUCT_DEFAULTS, TIMEOUT, closed_loop, from_list, percentile
+from tests.bench.bench_stack import TIMEOUT, closed_loop, from_list, percentile, product_stack
 from tests.fixtures.parts import REPO_ROOT
-from tests.fixtures.stack import DEMO_MODEL_ID, link_demo_model, running_stack
+from tests.fixtures.stack import DEMO_MODEL_ID
 from tests.observability.conftest import new_span_id, new_trace_id, traceparent
 from tests.observability.otlp_receiver import OtlpReceiver, ReceivedSpan, running_otlp_receiver
 
@@ -159,18 +158,16 @@ def slowest(traces: list[list[ReceivedSpan]], count: int) -> None:
 
 @pytest.mark.timeout(900)
 def test_breakdown(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, demo_model: Path) -> None:
-    models = tmp_path_factory.mktemp("breakdown-models")
-    link_demo_model(models, demo_model)
     with running_otlp_receiver() as receiver:
-        env = {
-            **PRODUCT_DEFAULTS,
+        tracing = {
             "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
             "OTEL_TRACES_SAMPLER": "parentbased_always_on",
             "OTEL_BSP_SCHEDULE_DELAY": "500",
-            # BENCH_BREAKDOWN_ENV (a JSON object) adds settings, e.g. '{"LMC_EMBEDDING_BACKEND": "onnx-int8"}'.
-            **json.loads(os.environ.get("BENCH_BREAKDOWN_ENV", "{}")),
         }
-        with running_stack(tmp_path_factory.mktemp("breakdown"), redis_url=redis_stack, models_dir=models, env=env) as stack:
+        # BENCH_BREAKDOWN_ENV (a JSON object) adds settings, e.g. '{"LMC_EMBEDDING_BACKEND": "onnx-int8"}'.
+        with product_stack(
+            tmp_path_factory, "breakdown", demo_model, redis_url=redis_stack, env=tracing, env_variable="BENCH_BREAKDOWN_ENV"
+        ) as stack:
             url = f"{stack.base_url}/chat/completions"
             pairs = questions(REQUESTS)
             swapped = exchanged(REQUESTS // 2)

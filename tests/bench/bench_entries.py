@@ -15,7 +15,6 @@ within a round, each entry's p50 over the one before it; it asserts only that ev
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -29,8 +28,8 @@ from google.protobuf import struct_pb2
 from lmcluster.router.v1 import openai_pb2 as oa
 from lmcluster.router.v1 import router_service_pb2_grpc
 
-from tests.bench.bench_stack import PRODUCT_DEFAULTS, TIMEOUT
-from tests.fixtures.stack import DEMO_MODEL_ID, link_demo_model, running_stack
+from tests.bench.bench_stack import TIMEOUT, product_stack
+from tests.fixtures.stack import DEMO_MODEL_ID
 
 ROUNDS = int(os.environ.get("BENCH_ENTRIES_ROUNDS", "40"))
 WARM_ROUNDS = 3
@@ -83,11 +82,8 @@ def grpc_ttft(stub: router_service_pb2_grpc.RouterServiceStub) -> float:
 
 @pytest.mark.timeout(900)
 def test_entries(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, demo_model: Path) -> None:
-    models = tmp_path_factory.mktemp("entries-models")
-    link_demo_model(models, demo_model)
     # BENCH_ENTRIES_ENV (a JSON object) adds settings, e.g. '{"LMC_EVENT_LOOP": "asyncio"}'.
-    env = {**PRODUCT_DEFAULTS, **json.loads(os.environ.get("BENCH_ENTRIES_ENV", "{}"))}
-    with running_stack(tmp_path_factory.mktemp("entries"), redis_url=redis_stack, models_dir=models, env=env) as stack:
+    with product_stack(tmp_path_factory, "entries", demo_model, redis_url=redis_stack, env_variable="BENCH_ENTRIES_ENV") as stack:
         endpoint = stack.ready_backends(DEMO_MODEL_ID)[0].endpoint
         direct = (endpoint if "://" in endpoint else f"http://{endpoint}") + "/v1/chat/completions"
         rest = f"{stack.base_url}/chat/completions"

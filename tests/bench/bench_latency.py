@@ -55,19 +55,18 @@ from services.router.index_reader import REPORT_INTERVAL_SECONDS
 from tests.bench.bench_stack import (
     DIRECT_LIMITS,
     MODEL,
-    PRODUCT_DEFAULTS,
     TIMEOUT,
-    Result,
     Run,
     closed_loop,
     from_list,
     percentile,
+    product_stack,
     send,
     tokens,
 )
 from tests.bench.stack_workload import questions, sequence
 from tests.fixtures.parts import REPO_ROOT
-from tests.fixtures.stack import DEMO_MODEL_ID, Stack, link_demo_model, running_stack
+from tests.fixtures.stack import DEMO_MODEL_ID, Stack
 
 MISS_PAIRS = int(os.environ.get("BENCH_LATENCY_MISS_PAIRS", "20"))
 HITS = int(os.environ.get("BENCH_LATENCY_HITS", "300"))
@@ -283,11 +282,8 @@ def hit_line(name: str, run: Run, kind: str) -> str:
 
 @pytest.mark.timeout(1800)
 def test_gateway_latency(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, demo_model: Path) -> None:
-    models = tmp_path_factory.mktemp("latency-models")
-    link_demo_model(models, demo_model)
-    # BENCH_LATENCY_ENV (a JSON object) adds settings, e.g. '{"LMC_ROUTER_OVERLAP_LOOKUP": "false"}'.
-    env = {**PRODUCT_DEFAULTS, **json.loads(os.environ.get("BENCH_LATENCY_ENV", "{}"))}
-    with running_stack(tmp_path_factory.mktemp("latency"), redis_url=redis_stack, models_dir=models, env=env) as stack:
+    # BENCH_LATENCY_ENV (a JSON object) adds settings, e.g. '{"LMC_EMBEDDING_BACKEND": "onnx-int8"}'.
+    with product_stack(tmp_path_factory, "latency", demo_model, redis_url=redis_stack, env_variable="BENCH_LATENCY_ENV") as stack:
         report(stack)
 
 

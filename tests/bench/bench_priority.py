@@ -32,10 +32,10 @@ import pytest
 from services.launcher.settings import StackSettings
 from tests.bench.bench_breakdown import NO_STORE, chat, questions, stored
 from tests.bench.bench_latency import ms, start_probe, stop_probe
-from tests.bench.bench_stack import PRODUCT_DEFAULTS, TIMEOUT, percentile
+from tests.bench.bench_stack import TIMEOUT, percentile, product_stack
 from tests.chaos.faults import part_pid
 from tests.fixtures.parts import free_port
-from tests.fixtures.stack import Stack, link_demo_model, running_stack
+from tests.fixtures.stack import Stack
 
 PHASE_SECONDS = float(os.environ.get("BENCH_PRIORITY_PHASE_SECONDS", "12"))
 ROUNDS = int(os.environ.get("BENCH_PRIORITY_ROUNDS", "2"))
@@ -63,10 +63,8 @@ def probed(stack: Stack, exact: dict, semantic: dict) -> dict[str, list[float]]:
 @pytest.mark.timeout(1200)
 def test_request_path_priority(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> None:
     gateway = StackSettings.model_fields["gateway_niceness"].default
-    models = tmp_path_factory.mktemp("priority-models")
-    link_demo_model(models, demo_model)
     redis_url = f"redis://127.0.0.1:{free_port()}"  # started by the stack, so on the request path
-    with running_stack(tmp_path_factory.mktemp("priority"), redis_url=redis_url, models_dir=models, env=PRODUCT_DEFAULTS) as stack:
+    with product_stack(tmp_path_factory, "priority", demo_model, redis_url=redis_url) as stack:
         url = f"{stack.base_url}/chat/completions"
         question, reworded = questions(1)[0]
         # temperature 0, as the probe's native gRPC request asks: one cache scope for both clients.

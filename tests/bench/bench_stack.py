@@ -26,10 +26,12 @@ minutes on 2 cores). It prints the tables of docs/benchmarks.md and asserts only
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +209,26 @@ HEADER = (
     "| requests                     |     n | TTFT p50 ms | TTFT p99 ms | total p50 ms | total p99 ms |\n"
     "|---|---|---|---|---|---|"
 )
+
+
+@contextlib.contextmanager
+def product_stack(
+    tmp_path_factory: pytest.TempPathFactory,
+    name: str,
+    demo_model: Path,
+    *,
+    redis_url: str,
+    env: Mapping[str, str] | None = None,
+    env_variable: str = "",
+) -> Iterator[Stack]:
+    """`lmcluster up` on the demo model with the product's defaults, then `env`, then the JSON object
+    in the variable `env_variable` names (a benchmark's knob, e.g. '{"LMC_EVENT_LOOP": "asyncio"}')."""
+    models = tmp_path_factory.mktemp(f"{name}-models")
+    link_demo_model(models, demo_model)
+    extra = json.loads(os.environ.get(env_variable, "{}")) if env_variable else {}
+    settings = {**PRODUCT_DEFAULTS, **(env or {}), **extra}
+    with running_stack(tmp_path_factory.mktemp(name), redis_url=redis_url, models_dir=models, env=settings) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
