@@ -155,13 +155,25 @@ def loop_factory(event_loop: EventLoop) -> Callable[[], asyncio.AbstractEventLoo
     return asyncio.new_event_loop
 
 
-def run_service(name: str, settings: ServiceSettings, main: Callable[[ServiceSettings], Any]) -> None:
+def run_service(
+    name: str,
+    settings: ServiceSettings,
+    main: Callable[[ServiceSettings], Any],
+    *,
+    starts_processes: bool = False,
+) -> None:
     """Process entry shared by every service: logging, tracing, then `main(settings)` on the
-    configured event loop."""
+    configured event loop.
+
+    A service that `starts_processes` runs on asyncio's loop whatever the setting. uvloop starts a
+    child with a plain fork(): the child of this threaded process runs gRPC's at-fork handlers and
+    Python's after-fork hooks before it execs, and crashed there (SIGSEGV, SIGABRT) while other
+    threads were inside gRPC. asyncio's subprocesses use vfork, which runs none of them."""
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name)
+    event_loop: EventLoop = "asyncio" if starts_processes else settings.event_loop
     try:
-        with asyncio.Runner(loop_factory=loop_factory(settings.event_loop)) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(event_loop)) as runner:
             runner.run(main(settings))
     except KeyboardInterrupt:
         pass

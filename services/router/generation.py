@@ -3,12 +3,18 @@
 A Generation runs in its own task and records the backend's events; each caller subscribes and
 reads them from the start, so a request that joins late still gets every token. When the last
 subscriber leaves (clients disconnected), the backend request is cancelled and its slot freed.
+
+Readers share the generation's fate: a backend lost mid-answer fails all of them. A generation
+whose tokens have stopped coming (its node hung or cut off, not yet given up on) takes no new
+readers: an identical request starts its own generation, on a backend that answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -29,6 +35,8 @@ class Generation:
         self.model_id = ""
         self.backend_id = ""
         self.subscribers = 0
+        # When the last event (or the start) came: a generation silent for long has stalled.
+        self.progressed_at = time.monotonic()
         # Every subscriber left: the backend request is being cancelled, nobody may join any more.
         self.abandoned = False
         self._changed = asyncio.Event()
@@ -38,6 +46,7 @@ class Generation:
         try:
             async for event in produce(self):
                 self.events.append(event)
+                self.progressed_at = time.monotonic()
                 self._wake()
         except asyncio.CancelledError:
             self.error = BackendUnavailable("the generation was cancelled (the Router is stopping)")
@@ -50,6 +59,11 @@ class Generation:
     def _wake(self) -> None:
         self._changed.set()
         self._changed = asyncio.Event()
+
+    def stalled(self, after_seconds: float) -> bool:
+        """Tokens had begun and none came for `after_seconds`. Before the first token a silence is
+        the queue or the prompt's evaluation, and a lost backend is retried unseen by readers."""
+        return bool(self.events) and time.monotonic() - self.progressed_at > after_seconds
 
     def join(self) -> Subscription:
         """A new reader of this generation (it counts once it starts reading)."""
@@ -126,20 +140,27 @@ class Subscription:
 
 
 class Coalescer:
-    """Identical concurrent requests (same exact key) share one Generation."""
+    """Identical concurrent requests (same exact key) share one Generation, unless it has stalled
+    for `stall_seconds`."""
 
-    def __init__(self) -> None:
+    def __init__(self, stall_seconds: float = math.inf) -> None:
         self._running: dict[str, Generation] = {}
+        self._stall_seconds = stall_seconds
+        self._stale: list[Generation] = []
         self.shared = 0
 
     def join_or_start(self, key: str | None, produce: Producer) -> Generation:
         if key:
             running = self._running.get(key)
-            if running is not None and not (running.done or running.abandoned):
+            if running is not None and not (
+                running.done or running.abandoned or running.stalled(self._stall_seconds)
+            ):
                 self.shared += 1
                 return running
         generation = Generation(key or "", produce)
         if key:
+            # A stalled generation it replaces runs on for its readers (and is still closed below).
+            self._stale.extend(g for g in [self._running.get(key)] if g is not None and not g.done)
             self._running[key] = generation
             generation._task.add_done_callback(lambda _: self._forget(key, generation))
         return generation
@@ -147,7 +168,8 @@ class Coalescer:
     def _forget(self, key: str, generation: Generation) -> None:
         if self._running.get(key) is generation:
             del self._running[key]
+        self._stale = [g for g in self._stale if not g.done]
 
     async def close(self) -> None:
-        for generation in list(self._running.values()):
+        for generation in [*self._running.values(), *self._stale]:
             await generation.cancel()

@@ -109,7 +109,7 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         self._llama = llama
         self._nodes = nodes
         self._embedding = embedding
-        self._coalescer = Coalescer()
+        self._coalescer = Coalescer(settings.coalesce_stall_seconds)
         self._cold_starts: dict[str, asyncio.Task[None]] = {}
 
     async def close(self) -> None:

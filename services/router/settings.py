@@ -65,6 +65,9 @@ class RouterSettings(ServiceSettings):
     connect_timeout_seconds: float = Field(5.0, gt=0, description="Connecting to a llama-server.")
     first_token_timeout_seconds: float = Field(120.0, gt=0, description="From sending to the first token.")
     token_timeout_seconds: float = Field(60.0, gt=0, description="Longest silence between two tokens.")
+    coalesce_stall_seconds: float = Field(
+        2.0, gt=0, description="An identical request joins a running generation unless it went this long without a token."
+    )
     cold_start_timeout_seconds: float = Field(300.0, gt=0, description="EnsureBackend for a cold model.")
     startup_wait_seconds: float = Field(
         15.0, ge=0, description="A request to a Router that has not yet heard from the Registry waits this long."

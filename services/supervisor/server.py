@@ -90,7 +90,7 @@ async def serve(settings: SupervisorSettings) -> None:
 
 def main() -> None:
     """Process entry: settings from the environment, then `serve`."""
-    run_service("supervisor", SupervisorSettings(), serve)  # type: ignore[arg-type]
+    run_service("supervisor", SupervisorSettings(), serve, starts_processes=True)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -97,3 +97,29 @@ async def test_leaving_from_outside_cancels_once_every_reader_left() -> None:
     late.leave()
     assert [event async for event in late.events()] == []
     assert generation.subscribers == 0
+
+
+async def test_a_stalled_generation_takes_no_new_reader() -> None:
+    """Tokens had begun, then none for longer than the stall: an identical request starts afresh.
+    Before the first token a silence is no stall (the queue, the prompt's evaluation)."""
+    never = asyncio.Event()
+
+    async def produce(generation: Generation) -> AsyncIterator[dict[str, Any]]:
+        if generation.key == "k":
+            yield {"n": 1}
+        await never.wait()
+
+    coalescer = Coalescer(stall_seconds=0.05)
+    waiting = coalescer.join_or_start("q", produce)
+    stalled = coalescer.join_or_start("k", produce)
+    readers = [asyncio.create_task(anext(g.subscribe())) for g in (stalled,)]
+    await asyncio.sleep(0.01)
+    assert coalescer.join_or_start("k", produce) is stalled  # a token 10 ms ago: running
+    await asyncio.sleep(0.1)
+    assert coalescer.join_or_start("q", produce) is waiting  # no token yet: not a stall
+    fresh = coalescer.join_or_start("k", produce)
+    assert fresh is not stalled
+    assert coalescer.join_or_start("k", produce) is fresh
+    await coalescer.close()
+    assert all(g._task.done() for g in (waiting, stalled, fresh))
+    await asyncio.gather(*readers, return_exceptions=True)
