@@ -61,9 +61,11 @@ def test_the_request_path_runs_before_the_rest_of_the_host(tmp_path: Path, demo_
         assert niceness_of(stack, NODE) == dict.fromkeys(NODE, {os.getpriority(os.PRIO_PROCESS, 0)})
         assert threads_policy(part_pid(stack, "llama-server")) == {os.SCHED_IDLE}
         assert "the request path runs at niceness" not in stack.log_path.read_text()
-        # Every service of the stack runs on uvloop by default (LMC_EVENT_LOOP).
-        for service in ("embedding", "cache", "router", "registry", "supervisor"):
+        # The services run on uvloop by default (LMC_EVENT_LOOP); the Supervisor, which starts
+        # llama-servers, on asyncio's loop (its children are started with vfork, not fork).
+        for service in ("embedding", "cache", "router", "registry"):
             assert "uvloop" in Path(f"/proc/{part_pid(stack, service)}/maps").read_text(), service
+        assert "uvloop" not in Path(f"/proc/{part_pid(stack, 'supervisor')}/maps").read_text()
 
 
 def test_without_the_privilege_the_stack_runs_at_the_launchers_niceness_and_says_so(
