@@ -65,7 +65,7 @@ from tests.bench.bench_stack import (
     tokens,
 )
 from tests.bench.stack_workload import questions, sequence
-from tests.fixtures.parts import REPO_ROOT
+from tests.fixtures.parts import REPO_ROOT, free_port
 from tests.fixtures.stack import DEMO_MODEL_ID, Stack
 
 MISS_PAIRS = int(os.environ.get("BENCH_LATENCY_MISS_PAIRS", "20"))
@@ -281,9 +281,11 @@ def hit_line(name: str, run: Run, kind: str) -> str:
 
 
 @pytest.mark.timeout(1800)
-def test_gateway_latency(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, demo_model: Path) -> None:
+def test_gateway_latency(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> None:
     # BENCH_LATENCY_ENV (a JSON object) adds settings, e.g. '{"LMC_EMBEDDING_BACKEND": "onnx-int8"}'.
-    with product_stack(tmp_path_factory, "latency", demo_model, redis_url=redis_stack, env_variable="BENCH_LATENCY_ENV") as stack:
+    # A Redis of the stack's own, as `lmcluster up` starts it: on the request path, at its priority.
+    redis_url = f"redis://127.0.0.1:{free_port()}"
+    with product_stack(tmp_path_factory, "latency", demo_model, redis_url=redis_url, env_variable="BENCH_LATENCY_ENV") as stack:
         report(stack)
 
 
