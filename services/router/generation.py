@@ -144,9 +144,11 @@ class Coalescer:
     for `stall_seconds`."""
 
     def __init__(self, stall_seconds: float = math.inf) -> None:
+        # Per key, the generation an identical request joins.
         self._running: dict[str, Generation] = {}
+        # Every keyed generation not done yet, stalled ones that were replaced included.
+        self._live: set[Generation] = set()
         self._stall_seconds = stall_seconds
-        self._stale: list[Generation] = []
         self.shared = 0
 
     def join_or_start(self, key: str | None, produce: Producer) -> Generation:
@@ -159,17 +161,16 @@ class Coalescer:
                 return running
         generation = Generation(key or "", produce)
         if key:
-            # A stalled generation it replaces runs on for its readers (and is still closed below).
-            self._stale.extend(g for g in [self._running.get(key)] if g is not None and not g.done)
             self._running[key] = generation
+            self._live.add(generation)
             generation._task.add_done_callback(lambda _: self._forget(key, generation))
         return generation
 
     def _forget(self, key: str, generation: Generation) -> None:
         if self._running.get(key) is generation:
             del self._running[key]
-        self._stale = [g for g in self._stale if not g.done]
+        self._live.discard(generation)
 
     async def close(self) -> None:
-        for generation in [*self._running.values(), *self._stale]:
+        for generation in list(self._live):
             await generation.cancel()

@@ -1,8 +1,8 @@
 """`lmcluster up` runs the request path before everything else on the host: Redis, Embedding, Cache,
 the Routers and Envoy at LMC_GATEWAY_NICENESS (-5), the node's parts at the launcher's own niceness,
 llama-server under SCHED_IDLE; without the privilege a higher priority needs, the stack still
-starts and serves, at the launcher's niceness, and says so. Every service runs on uvloop unless
-LMC_EVENT_LOOP=asyncio."""
+starts and serves, at the launcher's niceness, and says so. Every service but the Supervisor runs
+on uvloop unless LMC_EVENT_LOOP=asyncio; the Supervisor, which starts llama-servers, on asyncio's."""
 
 from __future__ import annotations
 
