@@ -23,10 +23,15 @@ _SETPRIV = shutil.which("setpriv")
 _NICE = shutil.which("nice")
 _CHRT = shutil.which("chrt")
 
-# Keyword arguments for subprocess.Popen and asyncio.create_subprocess_exec: a session, and so a
-# process group, of the child's own (setsid by the C code between fork and exec). Not
-# `process_group=0`, which uvloop's subprocesses do not take; the child needs no terminal.
-OWN_PROCESS_GROUP: dict[str, Any] = {"start_new_session": True}
+# Keyword arguments for subprocess.Popen and asyncio.create_subprocess_exec: a process group of the
+# child's own (setpgid by the C code between fork and exec), in its parent's session. Not a session
+# of its own: with the kernel's autogroup scheduling each session is a group that the fair scheduler
+# weighs against the others before it looks at their threads, so a llama-server under SCHED_IDLE in a
+# session of its own took turns with the gateway's processes (a waking Router waited up to a 4 ms
+# tick for it) instead of giving way at once (docs/supervisor.md). uvloop's subprocesses do not take
+# `process_group`: the two services that start processes, the launcher and the Supervisor, run on
+# asyncio's loop.
+OWN_PROCESS_GROUP: dict[str, Any] = {"process_group": 0}
 
 
 def dies_with_parent(argv: Sequence[str]) -> list[str]:

@@ -1,6 +1,7 @@
 """`lmcluster up` runs the request path before everything else on the host: Redis, Embedding, Cache,
 the Routers and Envoy at LMC_GATEWAY_NICENESS (-5), the node's parts at the launcher's own niceness,
-llama-server under SCHED_IDLE; without the privilege a higher priority needs, the stack still
+llama-server under SCHED_IDLE, all of them in the launcher's session (one scheduling group, each
+its own process group); without the privilege a higher priority needs, the stack still
 starts and serves, at the launcher's niceness, and says so. Every service but the Supervisor runs
 on uvloop unless LMC_EVENT_LOOP=asyncio; the Supervisor, which starts llama-servers, on asyncio's."""
 
@@ -61,6 +62,15 @@ def test_the_request_path_runs_before_the_rest_of_the_host(tmp_path: Path, demo_
         assert niceness_of(stack, NODE) == dict.fromkeys(NODE, {os.getpriority(os.PRIO_PROCESS, 0)})
         assert threads_policy(part_pid(stack, "llama-server")) == {os.SCHED_IDLE}
         assert "the request path runs at niceness" not in stack.log_path.read_text()
+        # One session, so one autogroup: the scheduler weighs llama-server's threads against the
+        # request path's directly, and SCHED_IDLE gives way at once; each part still leads its own
+        # process group, which a stop signals.
+        parts = {part: part_pid(stack, part) for part in (*REQUEST_PATH, *NODE, "llama-server")}
+        launcher = stack.part.process.pid
+        assert {part: os.getsid(pid) for part, pid in parts.items()} == dict.fromkeys(parts, os.getsid(launcher))
+        assert {part: os.getpgid(pid) for part, pid in parts.items()} == parts
+        autogroups = {part: Path(f"/proc/{pid}/autogroup").read_text().split()[0] for part, pid in parts.items()}
+        assert len(set(autogroups.values())) == 1, autogroups
         # The services run on uvloop by default (LMC_EVENT_LOOP); the Supervisor, which starts
         # llama-servers, on asyncio's loop (its children are started with vfork, not fork).
         for service in ("embedding", "cache", "router", "registry"):
