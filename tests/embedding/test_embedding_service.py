@@ -47,6 +47,9 @@ def make_settings(**overrides: object) -> EmbeddingSettings:
         "batch_window_ms": 2.0,
         "max_batch_size": 32,
         "shutdown_grace_seconds": 5.0,
+        # float32, whose vectors equal the library's: these tests compare the service's with them
+        # (the default int8 backend's own closeness: tests/embedding/test_encoder.py).
+        "backend": "onnx",
         **overrides,
     }
     return EmbeddingSettings(**values)  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.slow
 
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SENTENCES = [
     "What is the capital of France?",
     "Paris is the capital and most populous city of France.",
@@ -186,7 +188,7 @@ def test_int8_backend_runs_with_vectors_close_to_torch(
     got = vectors(encoder, SENTENCES)
     expected = embedding_model.encode(SENTENCES, convert_to_numpy=True, normalize_embeddings=True)
     similarity = cosines(got, expected)
-    # int8 drifts (hence not the default), but stays the same meaning.
+    # int8 drifts, but stays the same meaning.
     assert similarity.min() >= 0.95
     assert similarity.mean() >= 0.98
 
@@ -212,3 +214,27 @@ def test_resolve_model_defaults_to_the_installed_minilm(tmp_path: Path) -> None:
     assert custom.name == "my-model"
     with pytest.raises(ModelLoadError, match="LMC_EMBEDDING_MODEL_PATH"):
         resolve_model(EmbeddingSettings(model_path=tmp_path, model_name=""))
+
+
+def test_the_default_backend_keeps_every_semantic_move_above_the_threshold(
+    onnx_loaded: LoadedOnce, source: ModelSource
+) -> None:
+    """A semantic hit needs verification to accept a move (a fronted phrase, two words exchanged
+    around "and"/"or") and the two vectors at the cache's threshold or above; the default backend
+    (int8) must not turn such hits into misses. tests/data/cache_moves.jsonl was written before
+    either backend was run on it."""
+    from services.cache.settings import CacheSettings
+    from services.cache.verification import verify
+    from services.common.prompt_text import canonical_tokens
+
+    pairs = [json.loads(line) for line in (DATA_DIR / "cache_moves.jsonl").read_text().splitlines() if line]
+    moves = [(p["a"], p["b"]) for p in pairs if canonical_tokens(p["a"]) != canonical_tokens(p["b"])]
+    accepted = [(a, b) for a, b in moves if verify(b, a).accepted]
+    assert len(accepted) >= 25, f"only {len(accepted)} of {len(moves)} pairs are moves verification accepts"
+    backend = EmbeddingSettings.model_fields["backend"].default
+    encoder = load_encoder(source, backend=backend, cache_dir=onnx_loaded.cache_dir, threads=1)
+    stored, asked = vectors(encoder, [a for a, _ in accepted]), vectors(encoder, [b for _, b in accepted])
+    similarity = cosines(stored, asked)
+    threshold = CacheSettings.model_fields["threshold"].default
+    below = [(pair, round(float(s), 3)) for pair, s in zip(accepted, similarity, strict=True) if s < threshold]
+    assert not below, below
