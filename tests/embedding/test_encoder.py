@@ -12,7 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
+from services.cache.settings import CacheSettings
+from services.cache.verification import verify
 from services.common.binaries import embedding_model_path
+from services.common.prompt_text import canonical_tokens
 from services.embedding.encoder import (
     DEFAULT_MODEL_NAME,
     ONNX_FILE,
@@ -28,13 +31,13 @@ from services.embedding.encoder import (
     resolve_model,
 )
 from services.embedding.settings import EmbeddingSettings
+from tests.fixtures.parts import REPO_ROOT
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 pytestmark = pytest.mark.slow
 
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 SENTENCES = [
     "What is the capital of France?",
     "Paris is the capital and most populous city of France.",
@@ -223,11 +226,7 @@ def test_the_default_backend_keeps_every_semantic_move_above_the_threshold(
     around "and"/"or") and the two vectors at the cache's threshold or above; the default backend
     (int8) must not turn such hits into misses. tests/data/cache_moves.jsonl was written before
     either backend was run on it."""
-    from services.cache.settings import CacheSettings
-    from services.cache.verification import verify
-    from services.common.prompt_text import canonical_tokens
-
-    pairs = [json.loads(line) for line in (DATA_DIR / "cache_moves.jsonl").read_text().splitlines() if line]
+    pairs = [json.loads(line) for line in (REPO_ROOT / "tests" / "data" / "cache_moves.jsonl").read_text().splitlines() if line]
     moves = [(p["a"], p["b"]) for p in pairs if canonical_tokens(p["a"]) != canonical_tokens(p["b"])]
     accepted = [(a, b) for a, b in moves if verify(b, a).accepted]
     assert len(accepted) >= 25, f"only {len(accepted)} of {len(moves)} pairs are moves verification accepts"
