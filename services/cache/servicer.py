@@ -352,6 +352,8 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             ttl = effective_ttl(request.ttl if request.HasField("ttl") else None, self.settings)
             if not vector and not request.exact_key:
                 raise InvalidRequest("give an embedding, an exact_key, or both")
+            if request.attach_embedding and not (vector and request.exact_key):
+                raise InvalidRequest("attach_embedding needs the embedding and the exact_key of the stored entry")
             if vector and not request.prompt.strip():
                 raise InvalidRequest("prompt is required with an embedding")
             if not request.response:
@@ -378,12 +380,23 @@ class CacheServicer(cache_service_pb2_grpc.CacheServiceServicer):
             forms=match_keys(request.prompt) if vector else (),
         )  # fmt: skip
         try:
-            entry_id = await self.store.put(entry, self.settings.store_timeout_ms)
+            if request.attach_embedding:
+                attached = await self.store.attach_vector(entry, self.settings.store_timeout_ms)
+            else:
+                entry_id = await self.store.put(entry, self.settings.store_timeout_ms)
         except CacheUnavailable as error:
             self.counters.stores_dropped += 1
             STORES.labels("dropped").inc()
             REDIS_UP.set(1 if self.store.available else 0)
             return cache_service_pb2.StoreResponse(stored=False, reason=f"Redis unavailable: {error}")
+        if request.attach_embedding:
+            # The entry was counted when it was stored; this only makes it findable by similarity.
+            STORES.labels("embedding_attached" if attached else "entry_gone").inc()
+            if attached is None:
+                return cache_service_pb2.StoreResponse(
+                    stored=False, reason="the entry is gone or holds another answer; nothing was written"
+                )
+            return cache_service_pb2.StoreResponse(entry_id=attached, stored=True)
         self.counters.stores += 1
         STORES.labels("stored").inc()
         return cache_service_pb2.StoreResponse(entry_id=entry_id, stored=True)

@@ -43,6 +43,15 @@ T = TypeVar("T")
 # Fields read for a served entry (the vector is never read back).
 _ENTRY_FIELDS = ("scope", "exact_key", "prompt", "response", "response_type", "model", "created_ms", "ttl_s")
 _DELETE_BATCH = 1000
+# Adds a vector (and the match keys it brings) to an entry, only while the entry holds the answer it
+# was computed for: a check and a write in one step, so an entry invalidated or replaced in between
+# is never brought back or given another answer's vector.
+_ATTACH_VECTOR = """
+if redis.call('HGET', KEYS[1], 'response') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'vec', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'forms', ARGV[3]) end
+return 1
+"""
 
 
 class CacheUnavailable(Exception):
@@ -230,6 +239,7 @@ class CacheStore:
         # A span per command while tracing is on (arguments, so prompts and vectors, left out).
         telemetry.instrument_redis_client(client)
         self.client = client
+        self._attach_vector = client.register_script(_ATTACH_VECTOR)
         self.breaker = CircuitBreaker(
             settings.breaker_failures, settings.breaker_reset_seconds, settings.breaker_max_reset_seconds
         )
@@ -435,6 +445,15 @@ class CacheStore:
 
         await self._guarded(write, timeout_ms)
         return entry_id
+
+    async def attach_vector(self, entry: NewEntry, timeout_ms: float) -> str | None:
+        """Adds `entry.vector` and `entry.forms` to the entry of its exact key stored earlier without
+        them; None, writing nothing, when that entry is gone or holds another response."""
+        entry_id = entry_id_for(entry.scope, entry.exact_key)
+        args = [entry.response, entry.vector, ",".join(entry.forms)]
+        key = self.layout.entry_key(entry_id)
+        attached = await self._guarded(lambda: self._attach_vector(keys=[key], args=args), timeout_ms)
+        return entry_id if attached else None
 
     async def delete_entry(self, entry_id: str) -> int:
         return int(await self._guarded(lambda: self.client.unlink(self.layout.entry_key(entry_id)),

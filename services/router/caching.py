@@ -325,10 +325,13 @@ class AnswerCache:
             return []
         return list(reply.embeddings[0].vector) if reply.embeddings else []
 
-    def store_later(self, decision: CacheDecision, response: Message, model_id: str, ttl_seconds: int | None) -> None:
-        """Stores the answer in the background; failures are logged, never raised."""
+    def store_later(
+        self, decision: CacheDecision, response: Message, model_id: str, ttl_seconds: int | None
+    ) -> bool:
+        """Stores the answer in the background (False: the decision stores nothing); failures are
+        logged, never raised."""
         if not decision.store or decision.scope is None:
-            return
+            return False
         request = cache_service_pb2.StoreRequest(
             scope=decision.scope.scope,
             exact_key=decision.scope.exact_key,
@@ -342,6 +345,7 @@ class AnswerCache:
         task = asyncio.create_task(self._store(request, decision.embedding, decision.pending_embedding))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return True
 
     async def _store(
         self,
@@ -349,6 +353,16 @@ class AnswerCache:
         vector: list[float],
         pending: asyncio.Task[list[float]] | None,
     ) -> None:
+        """With the vector at hand, one store. Without it, the entry goes in by its exact key at
+        once, so an identical request finds it on any Router from now on, even while the vector is
+        still computed (under load, when the background lane waits for idle CPU, that takes
+        seconds) or the Embedding service is down; the vector is attached when it comes."""
+        if not vector and pending is not None and _has_vector(pending):
+            vector = pending.result()
+        if not vector and request.exact_key:
+            if not await self._send_store(request):
+                return  # Redis down, or an answer not worth keeping: no vector needed either
+            request.attach_embedding = True
         if not vector and pending is not None:
             vector = await pending
         elif not vector:
@@ -360,12 +374,17 @@ class AnswerCache:
         if not vector:
             return
         request.embedding.extend(vector)
+        await self._send_store(request)
+
+    async def _send_store(self, request: cache_service_pb2.StoreRequest) -> bool:
         try:
             reply = await self._cache.Store(request, timeout=5.0)
-            if not reply.stored:
-                log.info("answer not cached: %s", reply.reason)
         except grpc.aio.AioRpcError as error:
             log.warning("storing an answer failed: %s", _describe(error))
+            return False
+        if not reply.stored:
+            log.info("answer not cached: %s", reply.reason)
+        return reply.stored
 
     async def drain(self) -> None:
         """Waits for the stores still running (at shutdown), then reports the last counts."""

@@ -39,6 +39,8 @@ class Generation:
         self.progressed_at = time.monotonic()
         # Every subscriber left: the backend request is being cancelled, nobody may join any more.
         self.abandoned = False
+        # Its answer was handed to the cache: by the first reader to finish, not once per reader.
+        self.stored = False
         self._changed = asyncio.Event()
         self._task = asyncio.create_task(self._run(produce), name=f"generation-{key[:12]}")
 

@@ -439,9 +439,10 @@ class RouterServicer(router_service_pb2_grpc.RouterServiceServicer):
         metrics.PROMPT_TOKENS.labels(generation.model_id).inc(usage.prompt_tokens)
         load = self._table.find(generation.backend_id)
         backend = load.backend if load is not None else None
-        if assembler.finished and same_weights(self._catalog.get(generation.model_id), backend):
+        fresh = same_weights(self._catalog.get(generation.model_id), backend)
+        if not generation.stored and assembler.finished and fresh:
             ttl = request.cache.ttl_seconds if request.cache.HasField("ttl_seconds") else None
-            self._cache.store_later(prepared.decision, response, generation.model_id, ttl)
+            generation.stored = self._cache.store_later(prepared.decision, response, generation.model_id, ttl)
 
     def _subscription(self, api: GenerationApi, request: codec.GenerationRequest, prepared: Prepared) -> Subscription:
         """The request's reader of a generation: the one started early, else a running identical one, else a new one."""

@@ -430,6 +430,51 @@ async def test_exact_only_entries_are_found_by_key_and_counted(cache: Cache) -> 
     assert (await stub.GetStats(pb.GetStatsRequest())).entries == 1
 
 
+async def test_a_vector_attached_later_makes_an_exact_only_entry_a_semantic_hit(cache: Cache, embed: Embedder) -> None:
+    _, stub = cache
+    prompt = "How many moons does Mars have?"
+    base = dict(scope="s", exact_key="mars", prompt=prompt, response=chat_answer("Two."), response_type=CHAT_TYPE)
+    first = await stub.Store(pb.StoreRequest(**base, ttl=Duration(seconds=600)))
+    assert first.stored
+    reworded = "how many moons does Mars have"
+    assert (await stub.Lookup(pb.LookupRequest(scope="s", exact_key="mars"))).hit
+    assert not (await lookup(stub, embed, "s", reworded, threshold=0.85)).hit  # no vector yet: only its key finds it
+
+    attached = await stub.Store(pb.StoreRequest(**base, embedding=embed(prompt), attach_embedding=True))
+    assert attached.stored and attached.entry_id == first.entry_id
+    found = await lookup(stub, embed, "s", reworded, threshold=0.85)
+    assert found.hit and found.entry.entry_id == first.entry_id and answer_text(found) == "Two."
+    assert found.entry.ttl.seconds == 600  # attaching keeps the entry's time to live
+    stats = await stub.GetStats(pb.GetStatsRequest())
+    assert stats.entries == 1 and stats.stores == 1
+
+
+async def test_attaching_a_vector_never_brings_back_or_changes_an_entry(cache: Cache, embed: Embedder) -> None:
+    _, stub = cache
+    prompt = "What is the boiling point of water at sea level?"
+    base = dict(scope="s", exact_key="water", prompt=prompt, response_type=CHAT_TYPE)
+    vector = embed(prompt)
+    entry = (await stub.Store(pb.StoreRequest(**base, response=chat_answer("100 °C.")))).entry_id
+    # Another answer stored since (the request generated again): the old answer's vector is refused.
+    await stub.Store(pb.StoreRequest(**base, response=chat_answer("212 °F.")))
+    late = pb.StoreRequest(**base, response=chat_answer("100 °C."), embedding=vector, attach_embedding=True)
+    refused = await stub.Store(late)
+    assert not refused.stored and "gone or holds another answer" in refused.reason
+    reworded = "what is the boiling point of water at sea level"
+    assert not (await lookup(stub, embed, "s", reworded, threshold=0.85)).hit
+    # Invalidated (reported wrong) before its vector came: it stays gone.
+    await stub.Invalidate(pb.InvalidateRequest(entry_id=entry))
+    assert not (await stub.Store(late)).stored
+    assert not (await stub.Lookup(pb.LookupRequest(scope="s", exact_key="water"))).hit
+    assert (await stub.GetStats(pb.GetStatsRequest())).entries == 0
+    # Attaching needs both the vector and the key it goes to.
+    no_vector = pb.StoreRequest(**base, response=chat_answer("x"), attach_embedding=True)
+    assert "attach_embedding" in await _invalid(stub.Store(no_vector))
+    no_key = pb.StoreRequest(**{**base, "exact_key": ""}, response=chat_answer("x"), embedding=vector,
+                             attach_embedding=True)  # fmt: skip
+    assert "attach_embedding" in await _invalid(stub.Store(no_key))
+
+
 async def test_cli_prints_stats_and_clears(cache: Cache, embed: Embedder) -> None:
     from rich.console import Console
 

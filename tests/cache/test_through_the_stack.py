@@ -27,12 +27,15 @@ from tests.router.end_to_end_support import (
     assert_openai_error,
     chat_body,
     client,
+    metric,
     post_until_hit,
+    post_until_stored,
     system_prompt,
     until,
 )
 
 KEYS = ("sk-lmc-tenant-one", "sk-lmc-tenant-two")
+STORES = "lmc_cache_stores_total"
 SWAP_WAIT = 180.0
 
 
@@ -125,12 +128,47 @@ def test_an_answer_is_stored_with_a_vector_from_the_background_lane_under_sched_
     assert embedding_batches(stack, "interactive") == lookups
 
 
+def test_an_answer_is_an_exact_hit_at_once_while_its_vector_waits_for_the_embedding_service(stack: Stack) -> None:
+    """A finished answer is stored by its exact key without waiting for its vector (under load the
+    background lane waits for idle CPU; here the Embedding service hangs outright). The vector is
+    attached once it comes, unless the entry was removed meanwhile."""
+    system = system_prompt()
+    kept = chat_body("How do I rename a branch in Git?", system=system)
+    fronted = chat_body("In Git, how do I rename a branch?", system=system, cache={"skip_store": True})
+    reported = chat_body("How do I set a static IP address on Debian?", system=system)
+    gone_before = metric(stack.metrics["cache"], STORES, outcome="entry_gone")
+    with client(stack) as http:
+        with paused(part_pid(stack, "embedding")):
+            answers = {}
+            for body in (kept, reported):
+                first = http.post("/v1/chat/completions", json=body)
+                assert first.status_code == 200 and first.headers["x-lmc-cache"] == "miss", first.text
+                again = post_until_hit(http, "/v1/chat/completions", body)
+                assert again.headers["x-lmc-cache-kind"] == "exact"
+                assert again.json()["choices"] == first.json()["choices"]
+                answers[body["messages"][-1]["content"]] = again
+            entry = answers[reported["messages"][-1]["content"]].headers["x-lmc-cache-entry"]
+            assert http.delete(f"/v1/cache/entries/{entry}").status_code == 200
+        # The Embedding service answers again: the kept answer's vector is attached, and a reworded
+        # question finds it; the removed one's vector finds no entry and brings nothing back.
+        def similar() -> httpx.Response | None:
+            response = http.post("/v1/chat/completions", json=fronted)
+            return response if response.headers["x-lmc-cache"] == "hit" else None
+
+        hit = until(similar, 30, "a semantic hit on the attached vector")
+        assert hit.headers["x-lmc-cache-kind"] == "semantic"
+        assert hit.json()["choices"] == answers[kept["messages"][-1]["content"]].json()["choices"]
+        until(lambda: metric(stack.metrics["cache"], STORES, outcome="entry_gone") > gone_before, 30, "the removed entry's vector refused")
+        after = http.post("/v1/chat/completions", json={**reported, "cache": {"skip_store": True}})
+        assert after.status_code == 200 and after.headers["x-lmc-cache"] == "miss"
+
+
 def test_exact_and_semantic_hits_are_served_while_the_cache_service_hangs(stack: Stack) -> None:
     system = system_prompt()
     body = chat_body("How long do updates last with the Solo licence?", system=system)
     fronted = chat_body("With the Solo licence, how long do updates last?", system=system, cache={"skip_store": True})
     with client(stack) as http:
-        first = post_until_hit(http, "/v1/chat/completions", body)
+        first = post_until_stored(stack, http, "/v1/chat/completions", body)
         with paused(part_pid(stack, "cache")):
             again = [http.post("/v1/chat/completions", json=payload) for payload in (body, fronted, body, fronted)]
     assert [(r.status_code, r.headers.get("x-lmc-cache-kind")) for r in again] == [
@@ -245,7 +283,7 @@ def test_through_the_api_near_duplicates_miss_and_near_verbatim_repeats_hit(stac
             system = system_prompt()
             stored = chat_body(pair.a, system=system, max_tokens=4)
             http.post("/v1/chat/completions", json=stored)
-            post_until_hit(http, "/v1/chat/completions", stored)
+            post_until_stored(stack, http, "/v1/chat/completions", stored)
             asked = chat_body(pair.b, system=system, max_tokens=4, cache={"threshold": 0.5})
             response = http.post("/v1/chat/completions", json=asked)
             assert response.status_code == 200, response.text
@@ -264,7 +302,7 @@ def test_through_the_api_a_requests_threshold_decides_its_semantic_hit(stack: St
     stored = chat_body("How do I freeze the top row in Excel?", system=system, max_tokens=4)
     fronted = "In Excel, how do I freeze the top row?"
     with client(stack) as http:
-        post_until_hit(http, "/v1/chat/completions", stored)
+        post_until_stored(stack, http, "/v1/chat/completions", stored)
         strict = http.post("/v1/chat/completions", json=chat_body(fronted, system=system, max_tokens=4,
                                                                    cache={"threshold": 1.0, "skip_store": True}))  # fmt: skip
         default = http.post("/v1/chat/completions", json=chat_body(fronted, system=system, max_tokens=4,

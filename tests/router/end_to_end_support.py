@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.stack import Stack
 
@@ -40,6 +42,17 @@ def chat_body(question: str, *, system: str | None = None, max_tokens: int = 16,
         messages.append({"role": "system", "content": system})
     messages.append({"role": "user", "content": question})
     return {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the samples of `name` with these labels on a Prometheus endpoint (0 without any)."""
+    text = httpx.get(url, timeout=10.0).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
 
 
 def client(stack: Stack) -> httpx.Client:
@@ -100,3 +113,17 @@ def post_until_hit(http: httpx.Client, path: str, body: dict[str, Any]) -> httpx
         return response if response.headers.get("x-lmc-cache") == "hit" else None
 
     return until(attempt, STORE_WAIT, f"cache hit for {body}", interval=0.3)
+
+
+def post_until_stored(stack: Stack, http: httpx.Client, path: str, body: dict[str, Any]) -> httpx.Response:
+    """`post_until_hit`, then waits until the entry's vector is attached too: an answer is an exact
+    hit as soon as it is complete, and a reworded request finds it only once its vector follows."""
+    hit = post_until_hit(http, path, body)
+    entry = hit.headers["x-lmc-cache-entry"]
+    with redis.Redis.from_url(stack.redis_url) as client:
+
+        def attached() -> bool:
+            return any(client.hexists(key, "vec") for key in client.scan_iter(match=f"*:entry:{entry}"))
+
+        until(attached, STORE_WAIT, f"the vector of cache entry {entry}", interval=0.1)
+    return hit

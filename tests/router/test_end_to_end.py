@@ -26,6 +26,7 @@ from tests.router.end_to_end_support import (
     client,
     nonce,
     post_until_hit,
+    post_until_stored,
     sse_payloads,
     system_prompt,
 )
@@ -157,7 +158,7 @@ def test_paraphrase_is_a_semantic_hit_with_its_similarity(stack: Stack) -> None:
     with client(stack) as http:
         first = http.post("/v1/chat/completions", json=original)
         assert first.headers["x-lmc-cache"] == "miss"
-        post_until_hit(http, "/v1/chat/completions", original)  # stored
+        post_until_stored(stack, http, "/v1/chat/completions", original)
         semantic = http.post("/v1/chat/completions", json=paraphrase)
     assert semantic.status_code == 200, semantic.text
     assert semantic.headers["x-lmc-cache"] == "hit"

@@ -35,13 +35,17 @@ from tests.router.end_to_end_support import (
     MODEL,
     chat_body,
     client,
+    metric,
     nonce,
+    post_until_hit,
     system_prompt,
     until,
 )
 
 # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>: banned, the answer never ends by itself.
 NO_END = {"0": -100, "1": -100, "2": -100}
+STORES = "lmc_cache_stores_total"
+STORE_STEPS = ("stored", "embedding_attached")
 LONG_ANSWER_TOKENS = 800  # the session stack's slots hold 1024 tokens
 RESTART_WAIT = 120.0
 
@@ -100,6 +104,7 @@ def test_identical_concurrent_misses_share_one_generation(stack: Stack) -> None:
         async with httpx.AsyncClient(base_url=stack.http_url, timeout=HTTP_TIMEOUT) as http:
             return list(await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(4))))
 
+    stores = {outcome: metric(stack.metrics["cache"], STORES, outcome=outcome) for outcome in STORE_STEPS}
     before = predicted_tokens(endpoint)
     responses = asyncio.run(ask_all())
     generated = predicted_tokens(endpoint) - before
@@ -109,6 +114,14 @@ def test_identical_concurrent_misses_share_one_generation(stack: Stack) -> None:
     completion_tokens = responses[0].json()["usage"]["completion_tokens"]
     # One generation for four requests (a request that arrived after the store would be a hit).
     assert generated == completion_tokens, (generated, completion_tokens)
+    # ... and one answer stored, by its key and then with its vector, not one per request.
+    with client(stack) as http:
+        post_until_hit(http, "/v1/chat/completions", body)
+    def added() -> dict[str, float]:
+        return {step: metric(stack.metrics["cache"], STORES, outcome=step) - stores[step] for step in STORE_STEPS}
+
+    until(lambda: added()["embedding_attached"] > 0, 30, "the answer's vector attached")
+    assert added() == dict.fromkeys(STORE_STEPS, 1.0), added()
 
 
 def test_a_backend_killed_mid_stream_ends_the_stream_with_an_error_event(stack: Stack) -> None:

@@ -17,7 +17,6 @@ import itertools
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from services.cache.verification import match_keys
 from services.common.prompt_text import canonical_tokens
@@ -28,7 +27,8 @@ from tests.router.end_to_end_support import (
     chat_body,
     chat_text_of_events,
     client,
-    post_until_hit,
+    metric,
+    post_until_stored,
     sse_payloads,
     system_prompt,
     until,
@@ -37,16 +37,6 @@ from tests.router.end_to_end_support import (
 OVERLAPPED = "lmc_router_overlapped_generations_total"
 REFUSED = "lmc_cache_rejected_candidates_total"
 LOOKUPS = "lmc_cache_lookups_total"
-
-
-def metric(url: str, name: str, **labels: str) -> float:
-    text = httpx.get(url, timeout=10.0).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 def backend_busy(stack: Stack) -> float:
@@ -70,7 +60,7 @@ def test_a_miss_no_cached_answer_could_match_runs_no_semantic_lookup(stack: Stac
         first = http.post("/v1/chat/completions", json=original)
         assert first.status_code == 200 and first.headers["x-lmc-cache"] == "miss", first.text
         assert metric(router, OVERLAPPED) == before
-        post_until_hit(http, "/v1/chat/completions", original)  # stored
+        post_until_stored(stack, http, "/v1/chat/completions", original)
         until(lambda: backend_busy(stack) == 0, 60, "idle backends")
         second = http.post("/v1/chat/completions", json=other)
         assert second.status_code == 200 and second.headers["x-lmc-cache"] == "miss", second.text
@@ -109,7 +99,7 @@ def test_a_refused_reordering_is_a_miss_with_no_embedding_on_its_path(stack: Sta
     # verification refuses (the roles are exchanged).
     with client(stack) as http:
         stored = chat_body("Is the sun hotter than the moon?", system=system, max_tokens=12)
-        post_until_hit(http, "/v1/chat/completions", stored)
+        post_until_stored(stack, http, "/v1/chat/completions", stored)
         until(lambda: backend_busy(stack) == 0, 60, "idle backends")
     overlapped, prompts = metric(router, OVERLAPPED), metric(router, "lmc_router_prompt_tokens_total")
     embedded, refused = interactive_embeddings(stack), metric(cache, REFUSED, reason="ORDER")
@@ -131,7 +121,7 @@ def test_a_semantic_hit_starts_no_generation(stack: Stack) -> None:
     with client(stack) as http:
         first = http.post("/v1/chat/completions", json=original)
         assert first.headers["x-lmc-cache"] == "miss", first.text
-        post_until_hit(http, "/v1/chat/completions", original)  # stored
+        post_until_stored(stack, http, "/v1/chat/completions", original)
         until(lambda: backend_busy(stack) == 0, 60, "idle backends")
         overlapped, prompts = metric(router, OVERLAPPED), metric(router, "lmc_router_prompt_tokens_total")
         embedded, hits = interactive_embeddings(stack), metric(cache, LOOKUPS, result="semantic")
@@ -172,7 +162,7 @@ def crowded_scope(stack: Stack) -> tuple[str, str]:
     assert all(set(match_keys(q)) & set(match_keys("In Python, how do I sort a list?")) for q in orderings)
     with client(stack) as http:
         for question in [*orderings, original]:
-            post_until_hit(http, "/v1/chat/completions", chat_body(question, system=system, max_tokens=2))
+            post_until_stored(stack, http, "/v1/chat/completions", chat_body(question, system=system, max_tokens=2))
         until(lambda: backend_busy(stack) == 0, 60, "idle backends")
     return system, original
 

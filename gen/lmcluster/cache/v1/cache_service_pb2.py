@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from lmcluster.cache.v1 import cache_pb2 as lmcluster_dot_cache_dot_v1_dot_cache__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&lmcluster/cache/v1/cache_service.proto\x12\x12lmcluster.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1elmcluster/cache/v1/cache.proto\"\xa9\x01\n\rLookupRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x11\n\texact_key\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10semantic_follows\x18\x06 \x01(\x08\x12\x13\n\x0brecord_miss\x18\x07 \x01(\x08\x42\x0c\n\n_threshold\"\x94\x02\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.lmcluster.cache.v1.HitKind\x12-\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x1e.lmcluster.cache.v1.CacheEntry\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\x12&\n\x03\x61ge\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x08rejected\x18\x06 \x03(\x0b\x32%.lmcluster.cache.v1.RejectedCandidate\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x14\n\x0cno_candidate\x18\x08 \x01(\x08\"\xb3\x01\n\x0cStoreRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x11\n\texact_key\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\x0c\x12\x15\n\rresponse_type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12&\n\x03ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"A\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"i\n\x11InvalidateRequest\x12\x0f\n\x05scope\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x65ntry_id\x18\x02 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x03 \x01(\x08H\x00\x12\x16\n\x0ereported_wrong\x18\x04 \x01(\x08\x42\x08\n\x06target\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xe6\x01\n\x14RecordLookupsRequest\x12\x12\n\nexact_hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x04\x12Z\n\x12rejected_by_reason\x18\x04 \x03(\x0b\x32>.lmcluster.cache.v1.RecordLookupsRequest.RejectedByReasonEntry\x1a\x37\n\x15RejectedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x17\n\x15RecordLookupsResponse\"\xdd\x03\n\x10GetStatsResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\x12\n\nexact_hits\x18\x02 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x1b\n\x13rejected_candidates\x18\x05 \x01(\x04\x12V\n\x12rejected_by_reason\x18\x06 \x03(\x0b\x32:.lmcluster.cache.v1.GetStatsResponse.RejectedByReasonEntry\x12\x11\n\thit_ratio\x18\x07 \x01(\x01\x12\x1a\n\x12index_memory_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06stores\x18\t \x01(\x04\x12\x16\n\x0estores_dropped\x18\n \x01(\x04\x12\x18\n\x10\x64\x65graded_lookups\x18\x0b \x01(\x04\x12\x17\n\x0fredis_available\x18\x0c \x01(\x08\x12\x12\n\nindex_name\x18\r \x01(\t\x12\x11\n\tthreshold\x18\x0e \x01(\x01\x12\x1e\n\x16wrong_answers_reported\x18\x0f \x01(\x04\x1a\x37\n\x15RejectedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xc7\x03\n\x0c\x43\x61\x63heService\x12O\n\x06Lookup\x12!.lmcluster.cache.v1.LookupRequest\x1a\".lmcluster.cache.v1.LookupResponse\x12L\n\x05Store\x12 .lmcluster.cache.v1.StoreRequest\x1a!.lmcluster.cache.v1.StoreResponse\x12[\n\nInvalidate\x12%.lmcluster.cache.v1.InvalidateRequest\x1a&.lmcluster.cache.v1.InvalidateResponse\x12U\n\x08GetStats\x12#.lmcluster.cache.v1.GetStatsRequest\x1a$.lmcluster.cache.v1.GetStatsResponse\x12\x64\n\rRecordLookups\x12(.lmcluster.cache.v1.RecordLookupsRequest\x1a).lmcluster.cache.v1.RecordLookupsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&lmcluster/cache/v1/cache_service.proto\x12\x12lmcluster.cache.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1elmcluster/cache/v1/cache.proto\"\xa9\x01\n\rLookupRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x11\n\texact_key\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x16\n\tthreshold\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10semantic_follows\x18\x06 \x01(\x08\x12\x13\n\x0brecord_miss\x18\x07 \x01(\x08\x42\x0c\n\n_threshold\"\x94\x02\n\x0eLookupResponse\x12\x0b\n\x03hit\x18\x01 \x01(\x08\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.lmcluster.cache.v1.HitKind\x12-\n\x05\x65ntry\x18\x03 \x01(\x0b\x32\x1e.lmcluster.cache.v1.CacheEntry\x12\x12\n\nsimilarity\x18\x04 \x01(\x01\x12&\n\x03\x61ge\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x37\n\x08rejected\x18\x06 \x03(\x0b\x32%.lmcluster.cache.v1.RejectedCandidate\x12\x10\n\x08\x64\x65graded\x18\x07 \x01(\x08\x12\x14\n\x0cno_candidate\x18\x08 \x01(\x08\"\xcd\x01\n\x0cStoreRequest\x12\r\n\x05scope\x18\x01 \x01(\t\x12\x11\n\tembedding\x18\x02 \x03(\x02\x12\x11\n\texact_key\x18\x03 \x01(\t\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x10\n\x08response\x18\x05 \x01(\x0c\x12\x15\n\rresponse_type\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12&\n\x03ttl\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x18\n\x10\x61ttach_embedding\x18\t \x01(\x08\"A\n\rStoreResponse\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0e\n\x06stored\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"i\n\x11InvalidateRequest\x12\x0f\n\x05scope\x18\x01 \x01(\tH\x00\x12\x12\n\x08\x65ntry_id\x18\x02 \x01(\tH\x00\x12\r\n\x03\x61ll\x18\x03 \x01(\x08H\x00\x12\x16\n\x0ereported_wrong\x18\x04 \x01(\x08\x42\x08\n\x06target\"%\n\x12InvalidateResponse\x12\x0f\n\x07removed\x18\x01 \x01(\x04\"\x11\n\x0fGetStatsRequest\"\xe6\x01\n\x14RecordLookupsRequest\x12\x12\n\nexact_hits\x18\x01 \x01(\x04\x12\x0e\n\x06misses\x18\x02 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x04\x12Z\n\x12rejected_by_reason\x18\x04 \x03(\x0b\x32>.lmcluster.cache.v1.RecordLookupsRequest.RejectedByReasonEntry\x1a\x37\n\x15RejectedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x17\n\x15RecordLookupsResponse\"\xdd\x03\n\x10GetStatsResponse\x12\x0f\n\x07\x65ntries\x18\x01 \x01(\x04\x12\x12\n\nexact_hits\x18\x02 \x01(\x04\x12\x15\n\rsemantic_hits\x18\x03 \x01(\x04\x12\x0e\n\x06misses\x18\x04 \x01(\x04\x12\x1b\n\x13rejected_candidates\x18\x05 \x01(\x04\x12V\n\x12rejected_by_reason\x18\x06 \x03(\x0b\x32:.lmcluster.cache.v1.GetStatsResponse.RejectedByReasonEntry\x12\x11\n\thit_ratio\x18\x07 \x01(\x01\x12\x1a\n\x12index_memory_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06stores\x18\t \x01(\x04\x12\x16\n\x0estores_dropped\x18\n \x01(\x04\x12\x18\n\x10\x64\x65graded_lookups\x18\x0b \x01(\x04\x12\x17\n\x0fredis_available\x18\x0c \x01(\x08\x12\x12\n\nindex_name\x18\r \x01(\t\x12\x11\n\tthreshold\x18\x0e \x01(\x01\x12\x1e\n\x16wrong_answers_reported\x18\x0f \x01(\x04\x1a\x37\n\x15RejectedByReasonEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\xc7\x03\n\x0c\x43\x61\x63heService\x12O\n\x06Lookup\x12!.lmcluster.cache.v1.LookupRequest\x1a\".lmcluster.cache.v1.LookupResponse\x12L\n\x05Store\x12 .lmcluster.cache.v1.StoreRequest\x1a!.lmcluster.cache.v1.StoreResponse\x12[\n\nInvalidate\x12%.lmcluster.cache.v1.InvalidateRequest\x1a&.lmcluster.cache.v1.InvalidateResponse\x12U\n\x08GetStats\x12#.lmcluster.cache.v1.GetStatsRequest\x1a$.lmcluster.cache.v1.GetStatsResponse\x12\x64\n\rRecordLookups\x12(.lmcluster.cache.v1.RecordLookupsRequest\x1a).lmcluster.cache.v1.RecordLookupsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOOKUPRESPONSE']._serialized_start=299
   _globals['_LOOKUPRESPONSE']._serialized_end=575
   _globals['_STOREREQUEST']._serialized_start=578
-  _globals['_STOREREQUEST']._serialized_end=757
-  _globals['_STORERESPONSE']._serialized_start=759
-  _globals['_STORERESPONSE']._serialized_end=824
-  _globals['_INVALIDATEREQUEST']._serialized_start=826
-  _globals['_INVALIDATEREQUEST']._serialized_end=931
-  _globals['_INVALIDATERESPONSE']._serialized_start=933
-  _globals['_INVALIDATERESPONSE']._serialized_end=970
-  _globals['_GETSTATSREQUEST']._serialized_start=972
-  _globals['_GETSTATSREQUEST']._serialized_end=989
-  _globals['_RECORDLOOKUPSREQUEST']._serialized_start=992
-  _globals['_RECORDLOOKUPSREQUEST']._serialized_end=1222
-  _globals['_RECORDLOOKUPSREQUEST_REJECTEDBYREASONENTRY']._serialized_start=1167
-  _globals['_RECORDLOOKUPSREQUEST_REJECTEDBYREASONENTRY']._serialized_end=1222
-  _globals['_RECORDLOOKUPSRESPONSE']._serialized_start=1224
-  _globals['_RECORDLOOKUPSRESPONSE']._serialized_end=1247
-  _globals['_GETSTATSRESPONSE']._serialized_start=1250
-  _globals['_GETSTATSRESPONSE']._serialized_end=1727
-  _globals['_GETSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_start=1167
-  _globals['_GETSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_end=1222
-  _globals['_CACHESERVICE']._serialized_start=1730
-  _globals['_CACHESERVICE']._serialized_end=2185
+  _globals['_STOREREQUEST']._serialized_end=783
+  _globals['_STORERESPONSE']._serialized_start=785
+  _globals['_STORERESPONSE']._serialized_end=850
+  _globals['_INVALIDATEREQUEST']._serialized_start=852
+  _globals['_INVALIDATEREQUEST']._serialized_end=957
+  _globals['_INVALIDATERESPONSE']._serialized_start=959
+  _globals['_INVALIDATERESPONSE']._serialized_end=996
+  _globals['_GETSTATSREQUEST']._serialized_start=998
+  _globals['_GETSTATSREQUEST']._serialized_end=1015
+  _globals['_RECORDLOOKUPSREQUEST']._serialized_start=1018
+  _globals['_RECORDLOOKUPSREQUEST']._serialized_end=1248
+  _globals['_RECORDLOOKUPSREQUEST_REJECTEDBYREASONENTRY']._serialized_start=1193
+  _globals['_RECORDLOOKUPSREQUEST_REJECTEDBYREASONENTRY']._serialized_end=1248
+  _globals['_RECORDLOOKUPSRESPONSE']._serialized_start=1250
+  _globals['_RECORDLOOKUPSRESPONSE']._serialized_end=1273
+  _globals['_GETSTATSRESPONSE']._serialized_start=1276
+  _globals['_GETSTATSRESPONSE']._serialized_end=1753
+  _globals['_GETSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_start=1193
+  _globals['_GETSTATSRESPONSE_REJECTEDBYREASONENTRY']._serialized_end=1248
+  _globals['_CACHESERVICE']._serialized_start=1756
+  _globals['_CACHESERVICE']._serialized_end=2211
 # @@protoc_insertion_point(module_scope)

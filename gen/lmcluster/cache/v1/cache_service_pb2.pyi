@@ -49,7 +49,7 @@ class LookupResponse(_message.Message):
     def __init__(self, hit: _Optional[bool] = ..., kind: _Optional[_Union[_cache_pb2.HitKind, str]] = ..., entry: _Optional[_Union[_cache_pb2.CacheEntry, _Mapping]] = ..., similarity: _Optional[float] = ..., age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rejected: _Optional[_Iterable[_Union[_cache_pb2.RejectedCandidate, _Mapping]]] = ..., degraded: _Optional[bool] = ..., no_candidate: _Optional[bool] = ...) -> None: ...
 
 class StoreRequest(_message.Message):
-    __slots__ = ("scope", "embedding", "exact_key", "prompt", "response", "response_type", "model", "ttl")
+    __slots__ = ("scope", "embedding", "exact_key", "prompt", "response", "response_type", "model", "ttl", "attach_embedding")
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     EXACT_KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class StoreRequest(_message.Message):
     RESPONSE_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     scope: str
     embedding: _containers.RepeatedScalarFieldContainer[float]
     exact_key: str
@@ -66,7 +67,8 @@ class StoreRequest(_message.Message):
     response_type: str
     model: str
     ttl: _duration_pb2.Duration
-    def __init__(self, scope: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., exact_key: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[bytes] = ..., response_type: _Optional[str] = ..., model: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    attach_embedding: bool
+    def __init__(self, scope: _Optional[str] = ..., embedding: _Optional[_Iterable[float]] = ..., exact_key: _Optional[str] = ..., prompt: _Optional[str] = ..., response: _Optional[bytes] = ..., response_type: _Optional[str] = ..., model: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., attach_embedding: _Optional[bool] = ...) -> None: ...
 
 class StoreResponse(_message.Message):
     __slots__ = ("entry_id", "stored", "reason")
