@@ -84,11 +84,17 @@ def chat(question: str, **extra: object) -> dict:
     }
 
 
-def stored(http: httpx.Client, url: str, payload: dict) -> None:
+def stored(http: httpx.Client, url: str, payload: dict, reworded: dict | None = None) -> None:
+    """Asks `payload` until it is a hit; with `reworded` (asking for no store), until that is a
+    semantic hit too: an answer is an exact hit once complete, found by similarity once its vector
+    is attached."""
     assert http.post(url, json=payload).status_code == 200
     deadline = time.monotonic() + 30
     while http.post(url, json=payload).headers.get("x-lmc-cache") != "hit":
         assert time.monotonic() < deadline, "the answer was never stored"
+        time.sleep(0.2)
+    while reworded is not None and http.post(url, json=reworded).headers.get("x-lmc-cache-kind") != "semantic":
+        assert time.monotonic() < deadline, "the stored answer's vector was never attached"
         time.sleep(0.2)
 
 
@@ -172,7 +178,9 @@ def test_breakdown(tmp_path_factory: pytest.TempPathFactory, redis_stack: str, d
             pairs = questions(REQUESTS)
             swapped = exchanged(REQUESTS // 2)
             with httpx.Client(timeout=TIMEOUT) as http:
-                for question in [q for q, _ in pairs] + [q for q, _ in swapped]:
+                for question, reworded in pairs:
+                    stored(http, url, chat(question), chat(reworded, cache=NO_STORE))
+                for question, _ in swapped:
                     stored(http, url, chat(question))
                 phases = {
                     "exact hits": traced(receiver, http, url, [chat(q) for q, _ in pairs], "exact"),

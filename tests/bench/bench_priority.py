@@ -70,7 +70,7 @@ def test_request_path_priority(tmp_path_factory: pytest.TempPathFactory, demo_mo
         # temperature 0, as the probe's native gRPC request asks: one cache scope for both clients.
         exact, semantic = chat(question, temperature=0), chat(reworded, temperature=0, cache=NO_STORE)
         with httpx.Client(timeout=TIMEOUT) as http:
-            stored(http, url, exact)
+            stored(http, url, exact, semantic)
         pids = [part_pid(stack, part) for part in REQUEST_PATH]
         assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids} == {gateway}, "the stack runs at its default"
 
