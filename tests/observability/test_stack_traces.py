@@ -11,8 +11,10 @@ the trace must then hold, with the right parents:
           │                 entries with the question's words, read and verified by the Router)
           ├─ backend choice
           ├─ chat MODEL (GenAI attributes) ─ POST to llama-server (httpx CLIENT)
+          ├─ Router → Cache Store (CLIENT) ─ Cache Store (SERVER) ─ Redis        (a miss only: the
+          │                 answer, found by its exact key from then on)
           ├─ Router → Embedding Embed (CLIENT) ─ Embedding Embed (SERVER)       (the store's vector)
-          └─ Router → Cache Store (CLIENT) ─ Cache Store (SERVER) ─ Redis        (a miss only)
+          └─ Router → Cache Store (CLIENT) ─ Cache Store (SERVER) ─ Redis        (the vector attached)
 
 On the same request again (a hit) the trace ends at the Router's Redis read: no Cache call, no
 generation, no llama-server call.
@@ -107,10 +109,10 @@ def test_a_miss_then_a_hit_are_each_one_trace_through_every_service(
     spans = stack_receiver.wait_for(
         lambda spans: {"lmcluster-envoy", "lmcluster-router", "lmcluster-embedding", "lmcluster-cache"}
         <= {s.service for s in spans if s.trace_id == miss_trace}
-        and any(s.trace_id == miss_trace and s.name == STORE and s.kind == "SERVER" for s in spans)
+        and sum(s.trace_id == miss_trace and s.name == STORE and s.kind == "SERVER" for s in spans) == 2
         and _complete(spans, miss_trace, miss_client),
         TRACE_WAIT,
-        "the miss's spans from Envoy, Router, Embedding and Cache (Store included)",
+        "the miss's spans from Envoy, Router, Embedding and Cache (both Stores included)",
     )
     trace = [s for s in spans if s.trace_id == miss_trace]
     tree = describe_tree(trace)
@@ -160,8 +162,10 @@ def test_a_miss_then_a_hit_are_each_one_trace_through_every_service(
     assert url == choice.attributes["lmc.backend.endpoint"] + "/v1/chat/completions", llama_call.attributes
     assert llama_call.name.startswith("POST"), tree
 
-    store_server = _one(trace, "Cache Store span", _named("lmcluster-cache", "SERVER", STORE))
-    assert router in ancestors(store_server, trace), tree
+    # The answer is stored by its exact key before its vector is computed; the vector is attached after.
+    stores = sorted((s for s in trace if _named("lmcluster-cache", "SERVER", STORE)(s)), key=lambda s: s.start_ns)
+    assert len(stores) == 2 and all(router in ancestors(store, trace) for store in stores), tree
+    assert stores[0].start_ns < embed_client.start_ns and stores[1].start_ns >= embed_client.end_ns, tree
     _assert_no_prompt(trace, question)
 
     # --- the same question again: a hit ---------------------------------------------------------
