@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -36,10 +36,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.cache.store import CacheUnavailable, WordCandidate, entry_message
 from services.common.cache_scope import CacheScope, cache_scope
-from services.router import observe
+from services.router import metrics, observe
 from services.router.codec import GenerationRequest
 from services.router import candidates as judging
 from services.router.index_reader import IndexRead, IndexReader
+from services.router.lookup_embedding import LookupEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,10 @@ class AnswerCache:
         timeout: float,
         tenancy: CacheTenancy | None = None,
         index: IndexReader | None = None,
+        local: LookupEmbedder | None = None,
     ) -> None:
         self._embedding = embedding
+        self._local = local
         self._cache = cache
         self._index = index
         self._enabled = enabled
@@ -314,9 +317,38 @@ class AnswerCache:
         task.add_done_callback(self._background.discard)
         return task
 
+    def start_local_embedding(self) -> None:
+        """Prepares the Router's copy of the model for lookups (when there is one), checked against
+        the Embedding service's vectors."""
+        if self._local is not None:
+            self._local.start(self._service_vectors)
+
+    async def _service_vectors(self, texts: Sequence[str]) -> list[list[float]]:
+        """Each text in a request of its own, as a lookup asks (with int8 weights a batch's padding
+        moves its vectors a little); [] while the Embedding service does not answer."""
+        vectors = []
+        for text in texts:
+            try:
+                request = embedding_service_pb2.EmbedRequest(texts=[text])
+                reply = await self._embedding.Embed(request, timeout=BACKGROUND_EMBED_TIMEOUT)
+            except grpc.aio.AioRpcError:
+                return []
+            vectors.append(list(reply.embeddings[0].vector) if reply.embeddings else [])
+        return vectors
+
     async def _embed(
         self, text: str, timeout: float, priority: int = embedding_service_pb2.EMBED_PRIORITY_INTERACTIVE
     ) -> list[float]:
+        if priority == embedding_service_pb2.EMBED_PRIORITY_INTERACTIVE and self._local is not None and self._local.ready:
+            try:
+                with observe.start_local_embedding():
+                    vector = await self._local.embed(text)
+                metrics.LOOKUP_EMBEDDINGS.labels("router").inc()
+                return vector
+            except Exception as error:  # the Embedding service still answers: never a failed lookup
+                log.warning("embedding in the Router failed (%s); asking the Embedding service", error)
+        if priority == embedding_service_pb2.EMBED_PRIORITY_INTERACTIVE:
+            metrics.LOOKUP_EMBEDDINGS.labels("service").inc()
         try:
             request = embedding_service_pb2.EmbedRequest(texts=[text], priority=priority)
             reply = await self._embedding.Embed(request, timeout=timeout)
@@ -390,6 +422,8 @@ class AnswerCache:
         """Waits for the stores still running (at shutdown), then reports the last counts."""
         if self._background:
             await asyncio.wait(self._background, timeout=5.0)
+        if self._local is not None:
+            await self._local.close()
         if self._index is not None:
             await self._index.close()
 

@@ -47,6 +47,11 @@ _OPERATIONS = {"chat": "chat", "completion": "text_completion"}
 # --- cache lookup -------------------------------------------------------------------------------
 
 
+def start_local_embedding() -> Any:
+    """The `embed` span: a lookup's prompt embedded by the Router's own copy of the model."""
+    return _tracer.start_as_current_span("embed")
+
+
 def start_cache_lookup() -> Any:
     """The `cache lookup` span, as a context manager that makes it current."""
     return _tracer.start_as_current_span("cache lookup")

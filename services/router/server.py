@@ -17,9 +17,10 @@ from services.cache.settings import CacheSettings
 from services.common.server import ServiceHost, run_service
 from services.router.caching import AnswerCache
 from services.router.catalog import ModelCatalog
-from services.router.index_reader import IndexReader
 from services.router.follow import cancel_and_wait
+from services.router.index_reader import IndexReader
 from services.router.llama_client import LlamaClient
+from services.router.lookup_embedding import LookupEmbedder
 from services.router.nodes import NodeSet
 from services.router.routing import RoutingTable
 from services.router.servicer import RouterServicer
@@ -74,9 +75,11 @@ async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntim
     nodes = NodeSet(settings, catalog, table)
     cache_stub = cache_service_pb2_grpc.CacheServiceStub(cache_channel)
     index = IndexReader(CacheSettings(redis_url=settings.redis_url), cache_stub) if settings.redis_url else None
+    local = LookupEmbedder() if settings.cache_enabled and settings.lookup_embedding == "router" else None
     cache = AnswerCache(
-        embedding, cache_stub, enabled=settings.cache_enabled, timeout=settings.cache_timeout_seconds, index=index
-    )
+        embedding, cache_stub, enabled=settings.cache_enabled, timeout=settings.cache_timeout_seconds, index=index,
+        local=local,
+    )  # fmt: skip
     llama = LlamaClient(
         connect_timeout=settings.connect_timeout_seconds,
         first_token_timeout=settings.first_token_timeout_seconds,
@@ -92,6 +95,7 @@ async def running_router(settings: RouterSettings) -> AsyncIterator[RouterRuntim
     try:
         await nodes.start()
         await host.start()
+        cache.start_local_embedding()
         watchers.append(asyncio.create_task(_serve_when_synced(runtime)))
         yield runtime
     finally:

@@ -46,6 +46,13 @@ class RouterSettings(ServiceSettings):
 
     cache_enabled: bool = Field(True, description="Look up and store answers in the semantic cache.")
     cache_timeout_seconds: float = Field(0.25, gt=0, description="Budget for embedding + lookup; a miss after it.")
+    lookup_embedding: Literal["router", "service"] = Field(
+        "router",
+        description=(
+            "Who embeds the prompt a semantic lookup waits for: 'router' (a copy of the Embedding service's ONNX "
+            "model in the Router, used once it gives the service's vectors) or 'service' (the Embedding service)."
+        ),
+    )
     redis_url: str = Field(
         "",
         description=(

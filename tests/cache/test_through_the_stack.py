@@ -36,6 +36,7 @@ from tests.router.end_to_end_support import (
 
 KEYS = ("sk-lmc-tenant-one", "sk-lmc-tenant-two")
 STORES = "lmc_cache_stores_total"
+LOOKUP_EMBEDDINGS = "lmc_router_lookup_embeddings_total"
 SWAP_WAIT = 180.0
 
 
@@ -120,12 +121,12 @@ def test_an_answer_is_stored_with_a_vector_from_the_background_lane_under_sched_
     assert threads_under(part_pid(stack, "embedding"), os.SCHED_IDLE) == 1
     system = system_prompt()
     before = embedding_batches(stack, "background") or 0.0
-    lookups = embedding_batches(stack, "interactive") or 0.0
+    lookups = metric(stack.metrics["router"], LOOKUP_EMBEDDINGS)
     with client(stack) as http:
         post_until_hit(http, "/v1/chat/completions", chat_body("Name the largest ocean on Earth.", system=system))
     assert (embedding_batches(stack, "background") or 0.0) > before
     # A question with no cached candidate looks nothing up semantically: no interactive embedding.
-    assert embedding_batches(stack, "interactive") == lookups
+    assert metric(stack.metrics["router"], LOOKUP_EMBEDDINGS) == lookups
 
 
 def test_an_answer_is_an_exact_hit_at_once_while_its_vector_waits_for_the_embedding_service(stack: Stack) -> None:
@@ -161,6 +162,24 @@ def test_an_answer_is_an_exact_hit_at_once_while_its_vector_waits_for_the_embedd
         until(lambda: metric(stack.metrics["cache"], STORES, outcome="entry_gone") > gone_before, 30, "the removed entry's vector refused")
         after = http.post("/v1/chat/completions", json={**reported, "cache": {"skip_store": True}})
         assert after.status_code == 200 and after.headers["x-lmc-cache"] == "miss"
+
+
+def test_the_router_embeds_a_semantic_lookup_itself_even_while_the_embedding_service_hangs(stack: Stack) -> None:
+    """The Router's copy of the model gives the service's vectors: a rewording is a semantic hit
+    with no call to the Embedding service on its path."""
+    router = stack.metrics["router"]
+    until(lambda: metric(router, "lmc_router_lookup_embedding_in_router") == 1, 120, "the Router's copy in use")
+    system = system_prompt()
+    stored = chat_body("How do I undo the last commit in Git?", system=system)
+    reworded = chat_body("In Git, how do I undo the last commit?", system=system, cache={"skip_store": True})
+    with client(stack) as http:
+        first = post_until_stored(stack, http, "/v1/chat/completions", stored)
+        by_router = metric(router, LOOKUP_EMBEDDINGS, by="router")
+        with paused(part_pid(stack, "embedding")):
+            hits = [http.post("/v1/chat/completions", json=reworded) for _ in range(3)]
+    assert [(r.status_code, r.headers.get("x-lmc-cache-kind")) for r in hits] == [(200, "semantic")] * 3
+    assert all(r.json()["choices"] == first.json()["choices"] for r in hits)
+    assert metric(router, LOOKUP_EMBEDDINGS, by="router") == by_router + 3
 
 
 def test_exact_and_semantic_hits_are_served_while_the_cache_service_hangs(stack: Stack) -> None:

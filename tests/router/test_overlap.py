@@ -88,8 +88,8 @@ def assert_one_generation(stack: Stack, body: dict, prompts_before: float) -> No
 
 
 def interactive_embeddings(stack: Stack) -> float:
-    """Texts the Embedding service's interactive lane has embedded (lookups wait on those)."""
-    return metric(stack.metrics["embedding"], "lmc_embedding_queue_wait_seconds_count", lane="interactive")
+    """Prompts embedded for a lookup (lookups wait on those), by the Router's copy or the Embedding service."""
+    return metric(stack.metrics["router"], "lmc_router_lookup_embeddings_total")
 
 
 def test_a_refused_reordering_is_a_miss_with_no_embedding_on_its_path(stack: Stack) -> None:
