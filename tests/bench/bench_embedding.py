@@ -269,3 +269,47 @@ def test_direct_onnx_path_against_the_library(in_process: Encoder) -> None:
         ["input", "direct p50 ms", "library p50 ms", "ratio", "direct p99 ms", "library p99 ms"],
         rows,
     )
+
+
+async def test_a_lookup_embedded_in_the_router_against_the_service(service_port: int) -> None:
+    """What the Router's lookup waits for: its own copy of the model (services/router/
+    lookup_embedding.py, one thread hop) against the Embedding service's Embed over gRPC, calls
+    alternating, back to back and 50 ms apart (as lookups come: caches cooled in between)."""
+    from services.router.lookup_embedding import LookupEmbedder
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service_port}") as channel:
+        stub = pb_grpc.EmbeddingServiceStub(channel)
+
+        async def service(texts: list[str]) -> list[list[float]]:
+            replies = [await stub.Embed(pb.EmbedRequest(texts=[text])) for text in texts]
+            return [list(reply.embeddings[0].vector) for reply in replies]
+
+        embedder = LookupEmbedder()
+        embedder.start(service)  # type: ignore[arg-type]
+        assert embedder._task is not None
+        await embedder._task
+        assert embedder.ready, "the Router's copy did not match the service"
+        rows = []
+        try:
+            for pause in (0.0, 0.05):
+                samples: dict[str, list[float]] = {"service": [], "router": []}
+                for i in range(LATENCY_CALLS):
+                    text = queries(1, offset=i)[0]
+                    for name, call in (("service", lambda: service([text])), ("router", lambda: embedder.embed(text))):
+                        started = time.perf_counter()
+                        await call()
+                        samples[name].append(time.perf_counter() - started)
+                        await asyncio.sleep(pause)
+                theirs, ours = Latency.of(samples["service"]), Latency.of(samples["router"])
+                rows.append([
+                    "back to back" if not pause else f"{pause * 1000:.0f} ms apart",
+                    f"{theirs.p50_ms:.2f} / {theirs.p99_ms:.2f}", f"{ours.p50_ms:.2f} / {ours.p99_ms:.2f}",
+                    f"{theirs.p50_ms / ours.p50_ms:.2f}x",
+                ])  # fmt: skip
+        finally:
+            await embedder.close()
+    table(
+        "A lookup's vector: the Embedding service's Embed against the Router's own copy (p50 / p99 ms)",
+        ["calls", "service (gRPC)", "Router's copy", "p50 ratio"],
+        rows,
+    )
