@@ -4,7 +4,7 @@ A semantic hit waits for its prompt's vector. Asked of the Embedding service, th
 gRPC call and the wake-ups of another process's event loop and model thread, on cores that
 llama-server keeps busy: beside generating misses, half of a semantic hit's time. So the Router
 runs the Embedding service's own ONNX export (the same file, through ONNX Runtime and the model's
-own tokenizer, with no sentence-transformers or torch: about 60 MB) on one thread of its own.
+own tokenizer, with no sentence-transformers or torch: about 85 MB resident) on one thread of its own.
 
 It is used only once it has proven to give the service's vectors: at start the Router embeds a few
 texts (short, long past the model's window, accented, mixed case) both ways and compares them; any
