@@ -129,7 +129,7 @@ class LookupEmbedder:
         try:
             encoder = await loop.run_in_executor(self._executor, OnnxQueryEncoder.load, self._settings)
             mine = [await loop.run_in_executor(self._executor, encoder.encode, text) for text in CHECK_TEXTS]
-        except (OSError, ValueError, RuntimeError) as error:
+        except Exception as error:  # a missing or unreadable export, an unknown model: the service embeds
             log.warning("lookups are embedded by the Embedding service: the Router's copy did not load (%s)", error)
             return
         delay = 0.5
