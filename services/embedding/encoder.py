@@ -167,7 +167,8 @@ def int8_file_name(config_name: str) -> str:
     return f"onnx/model_{dtype}_{config_name}.onnx"
 
 
-def _session_options(threads: int) -> Any:
+def session_options(threads: int) -> Any:
+    """ONNX Runtime options of every copy of the model (the service's lanes, the Router's)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -189,7 +190,7 @@ def _load_onnx(folder: Path, file_name: str, threads: int) -> SentenceTransforme
         model_kwargs={
             "file_name": file_name,
             "provider": "CPUExecutionProvider",
-            "session_options": _session_options(threads),
+            "session_options": session_options(threads),
         },
     )
 
@@ -340,10 +341,15 @@ class MeanPooledOnnx:
             )
             feed = {name: features[name].astype(np.int64, copy=False) for name in self._inputs}
             hidden = self._session.run(None, feed)[0]
-            mask = features["attention_mask"].astype(np.float32)[..., None]
-            chunks.append((hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None))
-        pooled = np.concatenate(chunks).astype(np.float32, copy=False)
-        return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
+            chunks.append(mean_pooled(hidden, features["attention_mask"]))
+        return np.concatenate(chunks)
+
+
+def mean_pooled(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """L2-normalized float32 means of a batch's token vectors over its attention mask."""
+    mask = np.asarray(attention_mask, dtype=np.float32)[..., None]
+    pooled = ((hidden * mask).sum(axis=1) / np.clip(mask.sum(axis=1), 1e-9, None)).astype(np.float32, copy=False)
+    return pooled / np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
 
 
 class Encoder:

@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from services.embedding.encoder import ONNX_FILE, export_dir, int8_config_name, int8_file_name, resolve_model
+from services.embedding.encoder import (
+    ONNX_FILE,
+    export_dir,
+    int8_config_name,
+    int8_file_name,
+    mean_pooled,
+    resolve_model,
+    session_options,
+)
 from services.embedding.settings import EmbeddingSettings
 from services.router import metrics
 
@@ -71,11 +79,7 @@ class OnnxQueryEncoder:
         window = json.loads((folder / "tokenizer_config.json").read_text()).get("model_max_length", 512)
         tokenizer.no_padding()
         tokenizer.enable_truncation(max_length=int(min(window, 512)))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model), sess_options=session_options(1), providers=["CPUExecutionProvider"])
         return cls(tokenizer, session)
 
     def encode(self, text: str) -> list[float]:
@@ -86,10 +90,8 @@ class OnnxQueryEncoder:
             "token_type_ids": encoding.type_ids,
         }
         feed = {name: np.asarray([features[name]], dtype=np.int64) for name in self._inputs}
-        hidden = self._session.run(None, feed)[0][0]
-        mask = np.asarray(encoding.attention_mask, dtype=np.float32)[:, None]
-        pooled = (hidden * mask).sum(axis=0) / max(float(mask.sum()), 1e-9)
-        return (pooled / max(float(np.linalg.norm(pooled)), 1e-12)).astype(np.float32).tolist()
+        hidden = self._session.run(None, feed)[0]
+        return mean_pooled(hidden, [encoding.attention_mask])[0].tolist()
 
 
 def _check_mean_pooled(folder: Path) -> None:
