@@ -6,8 +6,8 @@ TracerProvider that exports over OTLP/gRPC and turns on the contrib instrumentat
 - grpc.aio servers: `ServiceHost` adds `server_interceptors()` (one SERVER span per RPC, the
   caller's W3C `traceparent` continued),
 - grpc.aio clients: every channel created afterwards gets CLIENT spans and propagates the context,
-- httpx and Redis: only the clients a service hands to `instrument_httpx_client` /
-  `instrument_redis_client` (the Router's llama-server client, the Cache's Redis client), so the
+- aiohttp and Redis: only the clients a service builds with `aiohttp_trace_configs()` or hands
+  to `instrument_redis_client` (the Router's llama-server client, the Cache's Redis client), so the
   Supervisor's health polling never makes traces of its own.
 
 gRPC health checks and reflection are never traced, and CLIENT spans without a parent (background
@@ -277,13 +277,13 @@ def server_interceptors() -> Sequence[grpc.aio.ServerInterceptor]:
     return [aio_server_interceptor(filter_=_grpc_filter())]
 
 
-def instrument_httpx_client(client: Any) -> None:
-    """CLIENT spans (and traceparent) for the requests of one httpx client, while tracing is on."""
+def aiohttp_trace_configs() -> list[Any]:
+    """CLIENT spans (and traceparent) for the requests of an aiohttp session, while tracing is on."""
     if _provider is None:
-        return
-    from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+        return []
+    from opentelemetry.instrumentation.aiohttp_client import create_trace_config
 
-    HTTPXClientInstrumentor.instrument_client(client)
+    return [create_trace_config(tracer_provider=_provider)]
 
 
 def instrument_redis_client(client: Any) -> None:

@@ -3,6 +3,11 @@
 Every generation is streamed from llama-server, also for non-streaming API calls: tokens are
 watched for silence, a client that goes away cancels the backend request at once (closing the
 connection frees the slot), and one code path serves streams, unary calls, coalescing and caching.
+
+The client is aiohttp's: its C HTTP parser costs about half the CPU of httpx's pure-Python stack
+per generation, most of it per streamed token, on the same cores as the model
+(tests/bench/bench_llama_client.py, docs/benchmarks.md "The Router's client to llama-server").
+llama-server closes the connection after a streamed answer, so every generation opens its own.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
+import aiohttp
 
 from services.common import telemetry
 from services.router.errors import (
@@ -26,23 +31,28 @@ from services.router.errors import (
 
 log = logging.getLogger(__name__)
 
+# The longest SSE line read whole (aiohttp refuses lines over twice its read buffer): a token's
+# event with many top logprobs is a few kB; llama-server's last event carries timings.
+READ_BUFFER_BYTES = 1 << 20
+
 
 class LlamaClient:
     def __init__(self, *, connect_timeout: float, first_token_timeout: float, token_timeout: float) -> None:
         self._first_token_timeout = first_token_timeout
         self._token_timeout = token_timeout
-        self._client = httpx.AsyncClient(
+        self._session = aiohttp.ClientSession(
             # Reads are bounded per event below (first token, then the gap between tokens).
-            timeout=httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=connect_timeout),
-            # llama-server closes a keep-alive connection after 5 s idle; reusing one at that moment
-            # fails the request ("Server disconnected without sending a response"). Drop them first.
-            limits=httpx.Limits(max_connections=2048, max_keepalive_connections=256, keepalive_expiry=2.0),
+            timeout=aiohttp.ClientTimeout(total=None, connect=connect_timeout),
+            # A connection per generation: llama-server closes it after a streamed answer, and
+            # reusing one it is closing fails the request.
+            connector=aiohttp.TCPConnector(force_close=True, limit=0),
+            read_bufsize=READ_BUFFER_BYTES,
+            # A CLIENT span per call to llama-server, carrying `traceparent`, while tracing is on.
+            trace_configs=telemetry.aiohttp_trace_configs(),
         )
-        # A CLIENT span per call to llama-server, carrying `traceparent`, while tracing is on.
-        telemetry.instrument_httpx_client(self._client)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        await self._session.close()
 
     async def stream(self, endpoint: str, path: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yields each SSE event of a streamed generation as a dict; raises RouterError subclasses.
@@ -51,10 +61,9 @@ class LlamaClient:
         """
         url = endpoint.rstrip("/") + path
         try:
-            async with self._client.stream("POST", url, json=body) as response:
-                if response.status_code != 200:
+            async with self._session.post(url, json=body) as response:
+                if response.status != 200:
                     raise await _error_from(response)
-                lines = response.aiter_lines()
                 wait = self._first_token_timeout
                 while True:
                     # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that arrives as
@@ -62,28 +71,25 @@ class LlamaClient:
                     # (client gone, deadline passed) then streams on to max_tokens for nobody.
                     try:
                         async with asyncio.timeout(wait):
-                            line = await anext(lines)
-                    except StopAsyncIteration:
-                        return
+                            line = await response.content.readline()
                     except TimeoutError:
                         raise BackendTimeout(
                             f"the model backend sent nothing for {wait:.0f} s", code="backend_timeout"
                         ) from None
-                    event = _parse_event(line)
+                    if not line:
+                        return
+                    event = _parse_event(line.decode("utf-8", errors="replace"))
                     if event is _DONE:
                         return
                     if event is not None:
                         wait = self._token_timeout
                         yield event
-        except httpx.TimeoutException as error:
+        except (aiohttp.ServerTimeoutError, aiohttp.ConnectionTimeoutError) as error:
             raise BackendTimeout(f"the model backend did not answer in time ({type(error).__name__})") from error
-        except (httpx.TransportError, httpx.RemoteProtocolError) as error:
+        except (aiohttp.ClientError, OSError) as error:
             raise BackendUnavailable(f"the model backend at {endpoint} is unreachable: {error!r}") from error
-
-    async def get_json(self, endpoint: str, path: str) -> Any:
-        response = await self._client.get(endpoint.rstrip("/") + path, timeout=5.0)
-        response.raise_for_status()
-        return response.json()
+        except ValueError as error:  # a line past READ_BUFFER_BYTES
+            raise BackendUnavailable(f"the model backend at {endpoint} sent an unreadable event: {error}") from error
 
 
 _DONE: dict[str, Any] = {}
@@ -108,13 +114,15 @@ def _parse_event(line: str) -> dict[str, Any] | None:
     return event
 
 
-async def _error_from(response: httpx.Response) -> RouterError:
-    raw = await response.aread()
+async def _error_from(response: aiohttp.ClientResponse) -> RouterError:
+    raw = await response.read()
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = {"error": {"message": raw.decode(errors="replace")[:500]}}
-    return _error_from_body(response.status_code, body)
+    if not isinstance(body, dict):
+        body = {"error": {"message": str(body)[:500]}}
+    return _error_from_body(response.status, body)
 
 
 def _error_from_body(status: int, body: dict[str, Any]) -> RouterError:
