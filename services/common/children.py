@@ -14,6 +14,7 @@ import logging
 import os
 import resource
 import shutil
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -81,6 +82,36 @@ def niced(argv: Sequence[str], niceness: int) -> list[str]:
         log.warning("nice (coreutils) not found: %s runs at this process's priority", argv[0] if argv else "?")
         return list(argv)
     return [_NICE, "-n", str(permitted - current), "--", *argv]
+
+
+def realtime_permitted(priority: int) -> bool:
+    """Whether this process may start children under SCHED_RR at `priority`: it needs CAP_SYS_NICE
+    or an RLIMIT_RTPRIO that allows it, and, on a kernel with real-time group scheduling, real-time
+    time in its cgroup (a container's cgroup has none unless it was granted some). Asked of the
+    kernel on a thread that ends at once, as the children's threads will ask it."""
+    if _CHRT is None:
+        return False
+    allowed: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(priority))
+            allowed.append(True)
+        except OSError:
+            allowed.append(False)
+
+    probe = threading.Thread(target=attempt, name="realtime-probe")
+    probe.start()
+    probe.join()
+    return allowed == [True]
+
+
+def round_robin(argv: Sequence[str], priority: int) -> list[str]:
+    """`argv` under SCHED_RR at `priority` (util-linux's `chrt --rr`, which execs it: same pid, and
+    every thread it starts inherits the policy): it runs as soon as it wakes, before every process
+    under the normal policies, whatever their niceness. Check `realtime_permitted` first."""
+    assert _CHRT is not None, "chrt (util-linux) not found"
+    return [_CHRT, "--rr", str(priority), *argv]
 
 
 def idle_scheduled(argv: Sequence[str]) -> list[str]:

@@ -20,7 +20,7 @@ import sys
 from urllib.parse import urlparse
 
 from services.common import binaries
-from services.common.children import niced, permitted_niceness
+from services.common.children import niced, permitted_niceness, realtime_permitted, round_robin
 from services.common.telemetry import TelemetrySettings
 from services.launcher import probes
 from services.launcher.envoy_config import render_envoy_config
@@ -39,15 +39,15 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if settings.role is Role.NODE:
         return node_parts(settings, {**node_env(settings), **node_binding(settings)})
-    niceness = request_path_niceness(settings)
+    niceness, realtime = request_path_niceness(settings), hit_path_priority(settings)
     if settings.role is Role.GATEWAY:
         env = gateway_env(settings, followed_nodes(settings))
-        return at_niceness([*redis_parts(settings), *gateway_parts(settings, env)], niceness)
+        return at_priority([*redis_parts(settings), *gateway_parts(settings, env)], niceness, realtime)
     env = {**node_env(settings), **gateway_env(settings, local_node(settings))}
     return [
-        *at_niceness(redis_parts(settings), niceness),
+        *at_priority(redis_parts(settings), niceness, realtime),
         *node_parts(settings, env),
-        *at_niceness(gateway_parts(settings, env), niceness),
+        *at_priority(gateway_parts(settings, env), niceness, realtime),
     ]
 
 
@@ -64,8 +64,38 @@ def request_path_niceness(settings: StackSettings) -> int:
     return niceness
 
 
-def at_niceness(parts: list[ProcessSpec], niceness: int) -> list[ProcessSpec]:
-    return [dataclasses.replace(part, argv=niced(part.argv, niceness)) for part in parts]
+def hit_path_priority(settings: StackSettings) -> int:
+    """The SCHED_RR priority of the hit path's parts, 0 where none is asked for or permitted.
+
+    Beside generating misses, niceness alone left hits waiting: a woken thread at -5 may wait for a
+    time slice of a client or batch job at 0, and every hop of a hit (Envoy, the Router's gRPC and
+    event-loop threads, Redis, the lookup's embedding) is such a wake-up (docs/benchmarks.md)."""
+    priority = settings.gateway_realtime_priority
+    if priority and not realtime_permitted(priority):
+        log.warning(
+            "Redis, the Routers and Envoy run at niceness %d, not under SCHED_RR %d (LMC_GATEWAY_REALTIME_PRIORITY): "
+            "real-time scheduling needs CAP_SYS_NICE or RLIMIT_RTPRIO, and real-time time for the cgroup "
+            "(docs/supervisor.md)",
+            settings.gateway_niceness, priority,
+        )  # fmt: skip
+        return 0
+    return priority
+
+
+def on_the_hit_path(part: ProcessSpec) -> bool:
+    """A cache hit goes through Envoy and a Router to Redis; Embedding and Cache work after the answer."""
+    return part.name in ("redis", "envoy") or part.name.startswith("router")
+
+
+def at_priority(parts: list[ProcessSpec], niceness: int, realtime: int) -> list[ProcessSpec]:
+    """Every part at `niceness`; the hit path's under SCHED_RR at `realtime` too, unless it is 0."""
+    placed = []
+    for part in parts:
+        argv = niced(part.argv, niceness)
+        if realtime and on_the_hit_path(part):
+            argv = round_robin(argv, realtime)
+        placed.append(dataclasses.replace(part, argv=argv))
+    return placed
 
 
 def service_spec(name: str, address: str, env: dict[str, str]) -> ProcessSpec:

@@ -96,6 +96,19 @@ class StackSettings(BaseSettings):
             "either they run at the launcher's own, and the launcher says so (docs/supervisor.md)."
         ),
     )
+    gateway_realtime_priority: int = Field(
+        1,
+        ge=0,
+        le=99,
+        description=(
+            "SCHED_RR priority of the hit path's processes (Redis, Routers, Envoy): a cache hit's few "
+            "milliseconds of CPU run as soon as its threads wake, before every process under the normal "
+            "policies (clients, batch jobs; llama-server is under SCHED_IDLE), and are not cut into time "
+            "slices by them. 0: niceness only. Needs CAP_SYS_NICE or RLIMIT_RTPRIO, and real-time time in "
+            "the cgroup where the kernel groups it; without them those parts run at LMC_GATEWAY_NICENESS, "
+            "and the launcher says so (docs/supervisor.md)."
+        ),
+    )
     restart_backoff_initial_seconds: float = Field(0.5, ge=0, description="Delay before a part's first restart.")
     restart_backoff_max_seconds: float = Field(30.0, ge=0, description="Largest delay between restarts.")
     crash_loop_limit: int = Field(
