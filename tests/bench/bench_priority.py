@@ -1,5 +1,5 @@
-"""Cache hits on a host that also runs other work: the request path at LMC_GATEWAY_NICENESS against
-the same processes at niceness 0.
+"""Cache hits on a host that also runs other work: the request path at LMC_GATEWAY_NICENESS, and its
+hit path under SCHED_RR (LMC_GATEWAY_REALTIME_PRIORITY), against the same processes at niceness 0.
 
 Run: `.venv/bin/python -m pytest tests/bench/bench_priority.py -s -o python_files='bench_*.py'`
 (part of `make bench`; about three minutes on 2 cores; needs CAP_SYS_NICE, as `lmcluster up` does
@@ -10,8 +10,10 @@ native gRPC and a semantic hit over REST, each every 50 ms, for `PHASE_SECONDS` 
 - nothing else running;
 - one busy process per core at niceness 0 (a batch job, a build, another service of the host)
   with the request path moved in place, every thread, to niceness 0;
-- the same with the request path at the product's default, LMC_GATEWAY_NICENESS (-5).
-The two phases with busy processes alternate `ROUNDS` times, so that a drift of the machine's speed
+- the same with the request path at LMC_GATEWAY_NICENESS (-5), every part under the normal policy;
+- the product's default: the same, with the hit path (Redis, Router, Envoy) under SCHED_RR at
+  LMC_GATEWAY_REALTIME_PRIORITY (1).
+The three phases with busy processes alternate `ROUNDS` times, so that a drift of the machine's speed
 shows in both. The probe itself runs at niceness 0, like any client of the host. It prints one
 table (docs/benchmarks.md, "The request path before the rest of the host") and asserts only that
 every reply was the expected hit.
@@ -40,15 +42,20 @@ from tests.fixtures.stack import Stack
 PHASE_SECONDS = float(os.environ.get("BENCH_PRIORITY_PHASE_SECONDS", "12"))
 ROUNDS = int(os.environ.get("BENCH_PRIORITY_ROUNDS", "2"))
 REQUEST_PATH = ("redis", "embedding", "cache", "router", "envoy")
+HIT_PATH = ("redis", "router", "envoy")
 BUSY = "while True: pass"
 # The probe's kinds of hit (tests/bench/hit_probe.py).
 KINDS = ("exact, REST through Envoy", "exact, native gRPC through Envoy", "semantic, REST through Envoy")
 
 
-def renice(pids: list[int], niceness: int) -> None:
-    """Every thread of each process to `niceness` (a lower one needs CAP_SYS_NICE)."""
-    for pid in pids:
+def place(pids: dict[str, int], niceness: int, realtime: int) -> None:
+    """Every thread of each part to `niceness`, and the hit path's under SCHED_RR at `realtime`
+    (the normal policy where it is 0); a lower niceness and SCHED_RR need CAP_SYS_NICE."""
+    for part, pid in pids.items():
+        rr = realtime and part in HIT_PATH
         for task in os.listdir(f"/proc/{pid}/task"):
+            policy = os.SCHED_RR if rr else os.SCHED_OTHER
+            os.sched_setscheduler(int(task), policy, os.sched_param(realtime if rr else 0))
             os.setpriority(os.PRIO_PROCESS, int(task), niceness)
 
 
@@ -63,6 +70,7 @@ def probed(stack: Stack, exact: dict, semantic: dict) -> dict[str, list[float]]:
 @pytest.mark.timeout(1200)
 def test_request_path_priority(tmp_path_factory: pytest.TempPathFactory, demo_model: Path) -> None:
     gateway = StackSettings.model_fields["gateway_niceness"].default
+    realtime = StackSettings.model_fields["gateway_realtime_priority"].default
     redis_url = f"redis://127.0.0.1:{free_port()}"  # started by the stack, so on the request path
     with product_stack(tmp_path_factory, "priority", demo_model, redis_url=redis_url) as stack:
         url = f"{stack.base_url}/chat/completions"
@@ -71,8 +79,14 @@ def test_request_path_priority(tmp_path_factory: pytest.TempPathFactory, demo_mo
         exact, semantic = chat(question, temperature=0), chat(reworded, temperature=0, cache=NO_STORE)
         with httpx.Client(timeout=TIMEOUT) as http:
             stored(http, url, exact, semantic)
-        pids = [part_pid(stack, part) for part in REQUEST_PATH]
-        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids} == {gateway}, "the stack runs at its default"
+        pids = {part: part_pid(stack, part) for part in REQUEST_PATH}
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in pids.values()} == {gateway}, "the stack runs at its default"
+        assert {os.sched_getscheduler(pids[part]) for part in HIT_PATH} == {os.SCHED_RR}, "the hit path runs under SCHED_RR"
+        placements = {
+            "request path at niceness 0": (0, 0),
+            f"request path at niceness {gateway}": (gateway, 0),
+            f"request path at niceness {gateway}, hit path under SCHED_RR {realtime} (the default)": (gateway, realtime),
+        }
 
         phases: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         for kind, times in probed(stack, exact, semantic).items():
@@ -80,14 +94,14 @@ def test_request_path_priority(tmp_path_factory: pytest.TempPathFactory, demo_mo
         busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(os.cpu_count() or 1)]
         try:
             for _ in range(ROUNDS):
-                for niceness in (0, gateway):
-                    renice(pids, niceness)
+                for name, (niceness, priority) in placements.items():
+                    place(pids, niceness, priority)
                     for kind, times in probed(stack, exact, semantic).items():
-                        phases[f"{len(busy)} busy processes, request path at niceness {niceness}"][kind] += times
+                        phases[f"{len(busy)} busy processes, {name}"][kind] += times
         finally:
             for process in busy:
                 process.kill()
-            renice(pids, gateway)
+            place(pids, gateway, realtime)
 
     print(f"\n| {PHASE_SECONDS:.0f} s × {ROUNDS} per phase, a hit of each kind every 50 ms | "
           + " | ".join(f"{kind}: n, p50 / p99 ms" for kind in KINDS) + " |")  # fmt: skip
@@ -98,7 +112,10 @@ def test_request_path_priority(tmp_path_factory: pytest.TempPathFactory, demo_mo
             for key in KINDS
         ]
         print(f"| {phase} | " + " | ".join(cells) + " |")
-    low, high = (phases[f"{os.cpu_count() or 1} busy processes, request path at niceness {n}"] for n in (0, gateway))
+    zero, niced, default = (phases[f"{os.cpu_count() or 1} busy processes, {name}"] for name in placements)
     for kind in KINDS:
-        ratio = percentile(low[kind], 0.99) / percentile(high[kind], 0.99)
-        print(f"{kind}: p99 at niceness 0 / at {gateway}: {ratio:.2f}×")
+        p99 = {name: percentile(times[kind], 0.99) for name, times in (("0", zero), ("niced", niced), ("rr", default))}
+        print(
+            f"{kind}: p99 at niceness 0 / at {gateway}: {p99['0'] / p99['niced']:.2f}×; "
+            f"at {gateway} / under SCHED_RR {realtime}: {p99['niced'] / p99['rr']:.2f}×"
+        )
