@@ -39,7 +39,8 @@ def build_specs(settings: StackSettings) -> list[ProcessSpec]:
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     if settings.role is Role.NODE:
         return node_parts(settings, {**node_env(settings), **node_binding(settings)})
-    niceness, realtime = request_path_niceness(settings), hit_path_priority(settings)
+    niceness = request_path_niceness(settings)
+    realtime = hit_path_priority(settings, niceness)
     if settings.role is Role.GATEWAY:
         env = gateway_env(settings, followed_nodes(settings))
         return at_priority([*redis_parts(settings), *gateway_parts(settings, env)], niceness, realtime)
@@ -64,7 +65,7 @@ def request_path_niceness(settings: StackSettings) -> int:
     return niceness
 
 
-def hit_path_priority(settings: StackSettings) -> int:
+def hit_path_priority(settings: StackSettings, niceness: int) -> int:
     """The SCHED_RR priority of the hit path's parts, 0 where none is asked for or permitted.
 
     Beside generating misses, niceness alone left hits waiting: a woken thread at -5 may wait for a
@@ -76,7 +77,7 @@ def hit_path_priority(settings: StackSettings) -> int:
             "Redis, the Routers and Envoy run at niceness %d, not under SCHED_RR %d (LMC_GATEWAY_REALTIME_PRIORITY): "
             "real-time scheduling needs CAP_SYS_NICE or RLIMIT_RTPRIO, and real-time time for the cgroup "
             "(docs/supervisor.md)",
-            settings.gateway_niceness, priority,
+            niceness, priority,
         )  # fmt: skip
         return 0
     return priority
