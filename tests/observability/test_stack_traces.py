@@ -10,7 +10,7 @@ the trace must then hold, with the right parents:
           ├─ cache lookup ─ Router → Redis HMGET, FT.SEARCH (CLIENT)  (the exact entry and the
           │                 entries with the question's words, read and verified by the Router)
           ├─ backend choice
-          ├─ chat MODEL (GenAI attributes) ─ POST to llama-server (httpx CLIENT)
+          ├─ chat MODEL (GenAI attributes) ─ POST to llama-server (aiohttp CLIENT)
           ├─ Router → Cache Store (CLIENT) ─ Cache Store (SERVER) ─ Redis        (a miss only: the
           │                 answer, found by its exact key from then on)
           ├─ Router → Embedding Embed (CLIENT) ─ Embedding Embed (SERVER)       (the store's vector)
