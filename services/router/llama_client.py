@@ -88,7 +88,7 @@ class LlamaClient:
             raise BackendTimeout(f"the model backend did not answer in time ({type(error).__name__})") from error
         except (aiohttp.ClientError, OSError) as error:
             raise BackendUnavailable(f"the model backend at {endpoint} is unreachable: {error!r}") from error
-        except ValueError as error:  # a line past READ_BUFFER_BYTES
+        except ValueError as error:  # a line past twice READ_BUFFER_BYTES
             raise BackendUnavailable(f"the model backend at {endpoint} sent an unreadable event: {error}") from error
 
 
