@@ -22,11 +22,7 @@ from services.common import children
 from tests.chaos.faults import part_pid
 from tests.fixtures.parts import free_port
 from tests.fixtures.stack import DEMO_MODEL_ID, Stack, running_stack
-from tests.fixtures.threads import threads_niceness, threads_policy, threads_stat
-
-
-def threads_policy_list(pid: int) -> list[int]:
-    return threads_stat(pid, 41)
+from tests.fixtures.threads import threads_niceness, threads_policy, threads_scheduling
 
 REQUEST_PATH = ("redis", "embedding", "cache", "router", "envoy")
 HIT_PATH = ("redis", "router", "envoy")
@@ -61,10 +57,7 @@ def niceness_of(stack: Stack, parts: tuple[str, ...]) -> dict[str, set[int]]:
 
 def scheduling_of(stack: Stack, parts: tuple[str, ...]) -> dict[str, set[tuple[int, int]]]:
     """Each part's (policy, real-time priority) over all its threads."""
-    return {
-        part: set(zip(threads_policy_list(part_pid(stack, part)), threads_stat(part_pid(stack, part), 40), strict=False))
-        for part in parts
-    }
+    return {part: threads_scheduling(part_pid(stack, part)) for part in parts}
 
 
 def test_the_request_path_runs_before_the_rest_of_the_host(tmp_path: Path, demo_models_dir: Path) -> None:
