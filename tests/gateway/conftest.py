@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from services.launcher.envoy_config import render_envoy_config
 from tests.fixtures.parts import (
@@ -38,6 +39,8 @@ from tests.gateway.fake_router import FakeRouter
 KEYS = ("sk-test-first", "sk-test-second")
 SMALL_BODY_LIMIT = 64 * 1024
 RATE_LIMIT_BURST = 3
+# The `router` cluster filter that holds a unary answer's headers until its end (envoy.yaml).
+UNARY_HOLD_FILTER = "lmcluster.unary_answers_whole"
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,13 @@ def _public_port(admin_url: str) -> int:
 
 
 @contextlib.contextmanager
-def running_gateway(work_dir: Path, router_address: str, **render_args: Any) -> Iterator[Gateway]:
-    """Renders envoy.yaml with `render_args` and runs it until the block ends."""
+def running_gateway(
+    work_dir: Path, router_address: str, template: Path = ENVOY_TEMPLATE, **render_args: Any
+) -> Iterator[Gateway]:
+    """Renders `template` (the repository's envoy.yaml) with `render_args` and runs it until the block ends."""
     work_dir.mkdir(parents=True, exist_ok=True)
     config = render_envoy_config(
-        ENVOY_TEMPLATE,
+        template,
         work_dir / "envoy.yaml",
         http_port=0,
         admin_port=0,
@@ -96,6 +101,19 @@ def running_gateway(work_dir: Path, router_address: str, **render_args: Any) -> 
         )
         port = _public_port(admin_url)
         yield Gateway(f"http://127.0.0.1:{port}", admin_url, port, config, part.log_path)
+
+
+def template_without_unary_hold(work_dir: Path) -> Path:
+    """envoy.yaml without the `router` cluster filter that holds a unary answer's headers until its
+    end: the gateway as it would be without it, for the control of tests/gateway/test_router_loss.py
+    and tests/bench/bench_unary_hold.py."""
+    config = yaml.safe_load(ENVOY_TEMPLATE.read_text())
+    (cluster,) = (c for c in config["static_resources"]["clusters"] if c["name"] == "router")
+    options = cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    options["http_filters"] = [f for f in options["http_filters"] if f["name"] != UNARY_HOLD_FILTER]
+    template = work_dir / "envoy-without-unary-hold.yaml"
+    template.write_text(yaml.safe_dump(config))
+    return template
 
 
 @pytest.fixture(scope="session")
