@@ -10,8 +10,9 @@ holds a unary answer's headers until its last byte (the upstream filter
 `lmcluster.unary_answers_whole`, a Lua script), and the same without that filter. One client
 alternates between them request by request, the order flipped each time, so both see the same
 moments of a shared machine: REST and native gRPC chat completions (an answer of a few hundred
-bytes, as a cache hit is), and REST embeddings of 1500 vectors (about 2.5 MB, which the filter
-buffers whole).
+bytes, as a cache hit is), the first chunk of REST and native gRPC streams (which the filter lets
+through at once: what it adds to a miss's TTFT), and REST embeddings of 1500 vectors (about
+2.5 MB, which the filter buffers whole).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from services.common import gateway as contract
 from tests.gateway.conftest import Gateway, running_gateway, template_without_unary_hold
 from tests.gateway.fake_router import BIG_EMBEDDING_COUNT, FakeRouter
 
-SMALL_REQUESTS = 3000
+SMALL_REQUESTS = 2000
 BIG_REQUESTS = 150
 WARMUP = 50
 PLACEMENTS = ("without the filter", "as shipped")
@@ -104,6 +105,23 @@ def test_holding_unary_headers_costs_little(gateways: dict[str, Gateway]) -> Non
                 assert dict(await call.initial_metadata())[contract.CACHE_HEADER] == "hit"
                 assert reply.choices[0].message.content == "echo: hello"
 
+            async def rest_stream(g: Gateway) -> None:
+                body = {"model": "echo-model", "stream": True, "messages": [{"role": "user", "content": "hello"}]}
+                async with http.stream("POST", f"{g.base_url}/chat/completions", json=body) as response:
+                    assert response.status_code == 200 and response.headers[contract.CACHE_HEADER] == "miss"
+                    async for line in response.aiter_lines():
+                        if line.startswith("data:"):
+                            assert "chunk-0" in line
+                            return  # the first chunk: what a stream's TTFT adds at the gateway
+                raise AssertionError("a stream without chunks")
+
+            async def grpc_stream(g: Gateway) -> None:
+                request = oa.CreateChatCompletionRequest(model="echo-model", messages=[oa.ChatMessage(role="user", content=text)])
+                call = stubs[g.grpc_target].StreamChatCompletion(request)
+                first = await call.read()
+                assert first.choices[0].delta.content == "chunk-0 "
+                call.cancel()
+
             async def rest_big(g: Gateway) -> None:
                 response = await http.post(f"{g.base_url}/embeddings", json={"model": "big", "input": "hello"})
                 assert response.status_code == 200 and len(response.json()["data"]) == BIG_EMBEDDING_COUNT
@@ -111,6 +129,8 @@ def test_holding_unary_headers_costs_little(gateways: dict[str, Gateway]) -> Non
             rows = []
             rows += _rows("REST chat completion (ms)", await _alternate(gateways, rest_chat, SMALL_REQUESTS))
             rows += _rows("gRPC chat completion (ms)", await _alternate(gateways, grpc_chat, SMALL_REQUESTS))
+            rows += _rows("REST stream, first chunk (ms)", await _alternate(gateways, rest_stream, SMALL_REQUESTS))
+            rows += _rows("gRPC stream, first chunk (ms)", await _alternate(gateways, grpc_stream, SMALL_REQUESTS))
             rows += _rows("REST embeddings, 2.5 MB (ms)", await _alternate(gateways, rest_big, BIG_REQUESTS))
             for channel in channels.values():
                 await channel.close()
