@@ -14,12 +14,10 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from lmcluster.router.v1 import router_service_pb2 as pb
 from lmcluster.router.v1 import router_service_pb2_grpc as pb_grpc
 
 from services.common import gateway
-
-ROUTER_SERVICE = pb.DESCRIPTOR.services_by_name["RouterService"].full_name
+from tests.gateway.fake_router import ROUTER_SERVICE
 
 
 class HeadersThenNothing(pb_grpc.RouterServiceServicer):

@@ -27,7 +27,7 @@ from lmcluster.router.v1 import router_service_pb2_grpc as pb_grpc
 from services.common import gateway as contract
 from tests.fixtures.parts import ENVOY_TEMPLATE, RunningPart, free_port, running_part
 from tests.gateway.conftest import Gateway, running_gateway, template_without_unary_hold
-from tests.gateway.fake_router import FakeRouter
+from tests.gateway.fake_router import EMBEDDING_DIMENSIONS, FakeRouter
 
 # Sends before every kind has a call held by the dying Router (Envoy picks the Router with fewer
 # requests in flight among two drawn at random, so most go to the answering one).
@@ -130,7 +130,8 @@ async def test_a_router_killed_after_a_unary_answers_headers_costs_no_call(
                 os.killpg(dying.process.pid, signal.SIGKILL)
                 outcomes = dict(zip(held, await asyncio.gather(*held.values(), return_exceptions=True), strict=True))
     if hold:
-        expected = {kind: ("miss", "384 dimensions" if "embedding" in kind else "echo: hello") for kind in held}
+        whole = {kind: f"{EMBEDDING_DIMENSIONS} dimensions" if "embedding" in kind else "echo: hello" for kind in held}
+        expected = {kind: ("miss", text) for kind, text in whole.items()}
         assert outcomes == expected
     else:
         failed = {kind: outcome for kind, outcome in outcomes.items() if isinstance(outcome, BaseException)}
